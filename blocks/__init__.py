@@ -1,0 +1,24 @@
+"""Block types for jkoflow: the block protocol, a registry by name, and the
+block types shipped with the library.
+
+Example:
+    >>> import blocks
+    >>> "otflow" in blocks.names()
+    True
+"""
+
+from .base import Block, time_column
+from .otflow import OTFlowBlock, PotentialDerivatives, logcosh
+from .registry import get, make, names, register
+
+__all__ = [
+    "Block",
+    "OTFlowBlock",
+    "PotentialDerivatives",
+    "get",
+    "logcosh",
+    "make",
+    "names",
+    "register",
+    "time_column",
+]

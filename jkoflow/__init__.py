@@ -1,0 +1,32 @@
+"""jkoflow: continuous normalizing flows trained block by block with the JKO scheme.
+
+Example:
+    >>> import jkoflow
+    >>> x = jkoflow.datasets.load("checkerboard", n=2000)
+    >>> x.shape
+    (2000, 2)
+"""
+
+from . import datasets
+from .config import JKOConfig
+from .errors import InputError
+from .flow import Flow
+from .objectives import JKOLoss, gaussian_log_prob, jko_loss
+from .ode import ODEResult, integrate
+from .scheduler import JKOHistory, train_jko
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Flow",
+    "InputError",
+    "JKOConfig",
+    "JKOHistory",
+    "JKOLoss",
+    "ODEResult",
+    "datasets",
+    "gaussian_log_prob",
+    "integrate",
+    "jko_loss",
+    "train_jko",
+]

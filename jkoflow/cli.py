@@ -1,0 +1,275 @@
+"""The ``jkoflow`` command line: the only place that parses arguments.
+
+Exit status: 0 success, 2 bad input (one line on stderr), 1 other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+
+from . import datasets
+from .config import DataConfig, JKOConfig, config_from_dict
+from .errors import InputError
+from .metrics import inversion_error, nll
+from .run import (
+    IterationLog,
+    RunFiles,
+    load_data,
+    prepare_run_dir,
+    read_json,
+    summarize,
+    versions,
+    write_json,
+    write_plots,
+)
+from .scheduler import JKOHistory, train_jko
+
+__all__ = ["main"]
+
+TRAIN_HELP = {
+    "block": "block type, one of blocks.names()",
+    "width": "hidden width m of each block",
+    "depth": "ResNet layers M after the opening layer",
+    "h0": "JKO step size of the first block",
+    "rho": "growth factor: h_k = min(h0 * rho^k, h_max)",
+    "h_max": "largest step size",
+    "max_blocks": "largest number of blocks",
+    "ter_eps": "stop once Ter(k) = E|T(x)-x|^2 / E|T(x)|^2 falls below this",
+    "iters": "Adam steps per block",
+    "batch_size": "mini-batch size",
+    "lr": "initial learning rate of each block",
+    "lr_final_factor": "cosine decay of the lr to lr * this factor",
+    "warm_start": "start block k from the weights of block k-1",
+    "train_steps": "RK4 steps per block while training",
+    "eval_steps": "RK4 steps per block for pushing, NLL and sampling",
+    "transport": "transport cost: 'path' (kinetic energy) or 'endpoint' (|T(x)-x|^2/2)",
+    "standardize": "standardise the data (NLL is still reported in data space)",
+    "chunk_size": "rows per chunk when pushing and evaluating",
+    "device": "torch device: cpu, cuda, cuda:N",
+    "dtype": "float32 or float64",
+}
+DATA_HELP = {
+    "n_samples": "number of samples drawn from a toy data set",
+    "val_fraction": "fraction of rows held out for validation",
+    "test_fraction": "fraction of rows held out for testing",
+}
+CHOICES = {"transport": ("path", "endpoint"), "dtype": ("float32", "float64")}
+CONFIG_FILE_KEYS = {"data", "train", "threads", "versions"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, cls: type, help: dict[str, str]) -> None:
+    """One ``--option`` per documented field of the config dataclass ``cls``;
+    unset options stay None so that a --config file or the default applies."""
+    for field in dataclasses.fields(cls):
+        if field.name not in help:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        text = f"{help[field.name]} (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(
+                flag, type=type(default), choices=CHOICES.get(field.name), default=None, help=text
+            )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jkoflow", description="Block-wise JKO training of continuous normalizing flows.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train a block-wise JKO flow")
+    train.add_argument("--data", help="toy name (" + ", ".join(datasets.TOY_NAMES) + ") or a .npy/.csv file")
+    train.add_argument("--out", required=True, help="run directory to create")
+    train.add_argument(
+        "--config", help="JSON file with 'data' and 'train' sections (e.g. a run's config.json)"
+    )
+    train.add_argument(
+        "--seed", type=int, default=None, help="seed of data, split, initialisation and batches"
+    )
+    _add_config_options(train, DataConfig, DATA_HELP)
+    _add_config_options(train, JKOConfig, TRAIN_HELP)
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    _add_common(train)
+
+    sample = sub.add_parser("sample", help="draw samples from a trained flow")
+    sample.add_argument("run", help="run directory")
+    sample.add_argument("-n", type=int, required=True, help="number of samples")
+    sample.add_argument("-o", "--output", required=True, help="output .npy file")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the latent draws")
+    _add_common(sample)
+
+    evaluate = sub.add_parser("eval", help="test NLL and inversion error of a trained flow")
+    evaluate.add_argument("run", help="run directory")
+    evaluate.add_argument("--data", help="data to evaluate on (default: the run's own test split)")
+    evaluate.add_argument(
+        "--n-samples", type=int, default=20000, help="samples drawn when --data is a toy name"
+    )
+    evaluate.add_argument("--seed", type=int, default=1, help="seed when --data is a toy name")
+    evaluate.add_argument(
+        "--eval-steps", type=int, default=None, help="RK4 steps per block (default: the run's)"
+    )
+    _add_common(evaluate)
+
+    plot = sub.add_parser("plot", help="redraw a run's plots")
+    plot.add_argument("run", help="run directory")
+    _add_common(plot)
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: fastest for small ops on few cores)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _configs(args: argparse.Namespace) -> tuple[DataConfig, JKOConfig]:
+    sections: dict[str, dict[str, Any]] = {"data": {}, "train": {}}
+    if args.config:
+        loaded = read_json(args.config)
+        if not isinstance(loaded, dict):
+            raise InputError(f"{args.config} must hold a JSON object with 'data' and 'train' sections")
+        unknown = sorted(set(loaded) - CONFIG_FILE_KEYS)
+        if unknown:
+            raise InputError(f"{args.config}: unknown keys {', '.join(unknown)}; expected 'data' and 'train'")
+        for key in ("data", "train"):
+            sections[key].update(loaded.get(key, {}))
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    if "data" in given:
+        sections["data"]["name"] = given["data"]
+    if "name" not in sections["data"]:
+        raise InputError("no data given: pass --data NAME|FILE or a --config file with a data section")
+    if "seed" in given:
+        sections["data"]["seed"] = sections["train"]["seed"] = given["seed"]
+    for cls, key in ((DataConfig, "data"), (JKOConfig, "train")):
+        names = {f.name for f in dataclasses.fields(cls)} - {"name", "seed"}
+        sections[key].update({k: v for k, v in given.items() if k in names})
+    return config_from_dict(DataConfig, sections["data"]), config_from_dict(JKOConfig, sections["train"])
+
+
+def _train(args: argparse.Namespace) -> None:
+    data_config, train_config = _configs(args)
+    x_train, x_val, x_test = load_data(data_config)
+    train_config.make_block(x_train.shape[1])  # fail on a bad block before creating the run
+    files = prepare_run_dir(args.out, args.overwrite)
+    write_json(
+        files.config,
+        {
+            "data": data_config.to_dict(),
+            "train": train_config.to_dict(),
+            "threads": args.threads,
+            "versions": versions(),
+        },
+    )
+    start = time.perf_counter()
+    with IterationLog(files.log) as log:
+        flow, history = train_jko(
+            x_train, x_val, x_test, config=train_config, progress=not args.quiet, callback=log
+        )
+    wall = time.perf_counter() - start
+    flow.save(files.flow)
+    write_json(files.history, history.to_dict())
+    summary = summarize(flow, history, x_test, wall)
+    write_json(files.summary, summary)
+    write_plots(files, flow.cpu(), history.to_dict(), x_test, seed=data_config.seed)
+    print(
+        f"{files.root}: {summary['n_blocks']} blocks ({summary['stopped_by']}), "
+        f"test NLL {summary['test_nll']:.4f} nats ({flow.steps} RK4 steps/block), "
+        f"inversion error {summary['inversion_error']:.2e}, {summary['train_seconds']:.0f} s"
+    )
+
+
+def _sample(args: argparse.Namespace) -> None:
+    if args.n < 1:
+        raise InputError(f"-n must be a positive integer, got {args.n}")
+    if not args.output.endswith(".npy"):
+        raise InputError(f"-o must name a .npy file, got {args.output!r}")
+    flow = RunFiles(args.run).require().load_flow()
+    with torch.no_grad():
+        x = flow.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
+    np.save(args.output, x.numpy())
+    print(f"wrote {args.n} samples of dimension {flow.dim} to {args.output}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    files = RunFiles(args.run).require()
+    flow = files.load_flow()
+    if args.eval_steps is not None:
+        if args.eval_steps < 1:
+            raise InputError(f"--eval-steps must be a positive integer, got {args.eval_steps}")
+        flow.steps = args.eval_steps
+    data_config = files.data_config()
+    if args.data is None or args.data == data_config.name:
+        x = load_data(data_config)[2]
+        source = f"{data_config.name} (the run's test split)"
+    else:
+        x = datasets.load(args.data, n=args.n_samples, seed=args.seed)
+        source = args.data
+    if x.shape[1] != flow.dim:
+        raise InputError(f"data {source} have {x.shape[1]} columns but the flow has dimension {flow.dim}")
+    n_inv = min(len(x), 2000)
+    result = {
+        "data": source,
+        "rows": len(x),
+        "nll": nll(flow, x),
+        "eval_steps": flow.steps,
+        "inversion_error": inversion_error(flow, x[:n_inv]),
+        "inversion_error_rows": n_inv,
+    }
+    print(
+        f"NLL {result['nll']:.4f} nats/sample ({result['eval_steps']} RK4 steps/block, "
+        f"{result['rows']} rows of {source}); inversion error {result['inversion_error']:.3e}"
+    )
+    write_json(files.root / "eval.json", result)
+
+
+def _plot(args: argparse.Namespace) -> None:
+    files = RunFiles(args.run).require()
+    history = JKOHistory.from_dict(read_json(files.history)).to_dict()
+    x_test = load_data(files.data_config())[2]
+    write_plots(files, files.load_flow(), history, x_test, seed=files.data_config().seed)
+    print(f"wrote {files.w2_plot} and {files.samples_plot}")
+
+
+COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "plot": _plot}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
+    args = _build_parser().parse_args(argv)
+    if args.threads < 1:
+        print(f"jkoflow: error: --threads must be a positive integer, got {args.threads}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    try:
+        COMMANDS[args.command](args)
+    except InputError as error:
+        print(f"jkoflow: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jkoflow: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Configuration dataclasses. Each is JSON-able (``asdict``) and saved with every
+run; invalid values raise :class:`~jkoflow.errors.InputError` on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import blocks
+from blocks import Block
+
+from .errors import InputError
+
+__all__ = ["DataConfig", "JKOConfig", "config_from_dict", "resolve_dtype"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """The torch dtype named ``"float32"`` or ``"float64"``."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
+
+
+def _check_positive(config: Any, names: tuple[str, ...], kind: type) -> None:
+    for name in names:
+        value = getattr(config, name)
+        ok_type = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+        if isinstance(value, bool) or not ok_type or not value > 0:
+            what = "number" if kind is float else "integer"
+            raise InputError(f"{name} must be a positive {what}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data of a run come from and how they are split.
+
+    ``name`` is a toy name (``n_samples`` are drawn with ``seed``) or a path to
+    a ``.npy``/``.csv`` file of shape (n, d); the rows are split at random
+    (``seed``) into train, validation (``val_fraction``) and test
+    (``test_fraction``).
+    """
+
+    name: str = "checkerboard"
+    n_samples: int = 120_000
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise InputError(f"data must be a toy name or a file path, got {self.name!r}")
+        _check_positive(self, ("n_samples",), int)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class JKOConfig:
+    """Settings of the block-wise JKO trainer (DESIGN.md §2, §4).
+
+    Blocks: ``block`` names a registered block type, built with
+    ``blocks.make(block, dim=d, width=width, depth=depth, **block_options)``.
+
+    Schedule: block k (k = 0, 1, …) uses h_k = min(h0·ρ^k, h_max); blocks are
+    added until Ter(k) < ``ter_eps`` or ``max_blocks`` blocks exist.
+
+    Optimisation per block: ``iters`` Adam steps on mini-batches of
+    ``batch_size`` cached pushed samples, lr cosine-decayed from ``lr`` to
+    ``lr * lr_final_factor``; with ``warm_start`` block k starts from the
+    weights of block k − 1.
+
+    Integration: ``train_steps`` RK4 steps per block in training,
+    ``eval_steps`` for pushing, NLL and sampling.
+    """
+
+    block: str = "otflow"
+    width: int = 32
+    depth: int = 2
+    block_options: dict[str, Any] = field(default_factory=dict)
+    h0: float = 1.0
+    rho: float = 1.5
+    h_max: float = 5.0
+    max_blocks: int = 8
+    ter_eps: float = 0.01
+    iters: int = 400
+    batch_size: int = 2048
+    lr: float = 0.02
+    lr_final_factor: float = 0.02
+    warm_start: bool = True
+    train_steps: int = 4
+    eval_steps: int = 8
+    transport: str = "path"
+    standardize: bool = False
+    seed: int = 0
+    chunk_size: int = 16384
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("h0", "rho", "h_max", "ter_eps", "lr"), float)
+        _check_positive(
+            self,
+            (
+                "width",
+                "depth",
+                "max_blocks",
+                "iters",
+                "batch_size",
+                "train_steps",
+                "eval_steps",
+                "chunk_size",
+            ),
+            int,
+        )
+        if not 0 <= self.lr_final_factor <= 1:
+            raise InputError(f"lr_final_factor must be in [0, 1], got {self.lr_final_factor!r}")
+        if self.transport not in ("path", "endpoint"):
+            raise InputError(f"transport must be 'path' or 'endpoint', got {self.transport!r}")
+        if self.train_steps > self.eval_steps:
+            raise InputError(
+                f"train_steps ({self.train_steps}) must not exceed eval_steps ({self.eval_steps})"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.block_options, dict):
+            raise InputError(f"block_options must be a dict, got {type(self.block_options).__name__}")
+        if self.block not in blocks.names():
+            raise InputError(
+                f"unknown block type {self.block!r}; registered types: {', '.join(blocks.names())}"
+            )
+        resolve_dtype(self.dtype)
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise InputError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {self.device!r}") from None
+
+    def make_block(self, dim: int) -> Block:
+        """A new block of the configured type for data of dimension ``dim``."""
+        try:
+            return blocks.make(self.block, dim=dim, width=self.width, depth=self.depth, **self.block_options)
+        except (TypeError, ValueError) as error:
+            raise InputError(f"cannot build a {self.block!r} block: {error}") from None
+
+    def step_size(self, k: int) -> float:
+        """h_k = min(h0·ρ^k, h_max) for block k (0-based)."""
+        return min(self.h0 * self.rho**k, self.h_max)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_from_dict(cls: type, data: dict[str, Any]):
+    """Builds the dataclass ``cls`` from a dict, rejecting unknown keys."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
+    return cls(**data)

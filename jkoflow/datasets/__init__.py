@@ -1,0 +1,97 @@
+"""Data: the 2-D toy densities, ``.npy``/``.csv`` files, and a seeded train/val/test split.
+
+numpy only: this package imports neither torch nor any model code.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from .files import SUPPORTED_SUFFIXES, load_array
+from .toys import TOYS, toy
+
+__all__ = ["TOYS", "TOY_NAMES", "load", "load_array", "split", "toy"]
+
+TOY_NAMES: tuple[str, ...] = tuple(TOYS)
+
+
+def _check_int(value: object, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise InputError(f"invalid {what}={value!r}: expected a {kind} integer")
+    return int(value)
+
+
+def load(name_or_path: str | os.PathLike[str], n: int = 120_000, seed: int = 0) -> np.ndarray:
+    """Load a data set as float64 of shape (n, d).
+
+    A toy name (see ``TOY_NAMES``) gives ``n`` samples of shape (n, 2) drawn from
+    ``np.random.default_rng(seed)``; otherwise ``name_or_path`` is a path to a
+    ``.npy`` or ``.csv`` file, read by :func:`load_array` (``n`` and ``seed`` unused).
+
+    Example:
+        >>> x = load("moons", n=1000, seed=0)
+        >>> x.shape, x.dtype
+        ((1000, 2), dtype('float64'))
+        >>> bool((load("moons", n=1000, seed=0) == x).all())
+        True
+    """
+    n = _check_int(n, "n", 1)
+    seed = _check_int(seed, "seed", 0)
+    if isinstance(name_or_path, str) and name_or_path in TOYS:
+        return toy(name_or_path, n, np.random.default_rng(seed))
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise InputError(
+            f"invalid data {name_or_path!r}: expected a toy name ({', '.join(TOY_NAMES)}) "
+            "or a path to a .npy or .csv file"
+        )
+    path = Path(name_or_path)
+    if path.exists() or path.suffix.lower() in SUPPORTED_SUFFIXES:
+        return load_array(path)
+    raise InputError(
+        f"unknown data {str(name_or_path)!r}: expected a toy name ({', '.join(TOY_NAMES)}) "
+        "or a path to a .npy or .csv file"
+    )
+
+
+def split(
+    x: np.ndarray, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shuffle the rows of ``x`` (shape (n, d)) with ``seed`` and split into (train, val, test).
+
+    The parts have ``round(n*val_fraction)``, ``round(n*test_fraction)`` and the remaining
+    rows; each part is a copy of shape (n_part, d). Both fractions must lie in (0, 1) with
+    sum < 1, and every part must receive at least one row.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise InputError(f"cannot split data of shape {tuple(x.shape)}: expected a 2-D array (n, d)")
+    for what, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if (
+            isinstance(frac, bool)
+            or not isinstance(frac, numbers.Real)
+            or not np.isfinite(frac)
+            or not 0.0 < frac < 1.0
+        ):
+            raise InputError(f"invalid {what}={frac!r}: expected a number strictly between 0 and 1")
+    if val_fraction + test_fraction >= 1.0:
+        raise InputError(
+            f"val_fraction + test_fraction = {val_fraction + test_fraction:g}: expected a sum below 1"
+        )
+    seed = _check_int(seed, "seed", 0)
+    n = x.shape[0]
+    n_val = round(n * float(val_fraction))
+    n_test = round(n * float(test_fraction))
+    n_train = n - n_val - n_test
+    if min(n_train, n_val, n_test) < 1:
+        raise InputError(
+            f"too few rows to split: {n} rows give train/val/test sizes {n_train}/{n_val}/{n_test}; "
+            "expected at least one row in each part"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    return x[perm[:n_train]], x[perm[n_train : n_train + n_val]], x[perm[n_train + n_val :]]

@@ -1,0 +1,201 @@
+"""The run directory (DESIGN.md §8): what a training run leaves on disk and how
+commands read it back.
+
+    config.json     data and trainer configs, library versions, threads
+    flow.pt         the flow checkpoint (weights + JSON config, no pickled code)
+    history.json    per-block records and every iteration
+    log.csv         per-iteration log, written while training
+    summary.json    test NLL, blocks, batches, seconds, per-block figures
+    *.png           plots
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import datasets
+from .config import DataConfig, JKOConfig, config_from_dict
+from .errors import InputError
+from .flow import Flow
+from .metrics import inversion_error, parameter_count
+from .plots import plot_samples, plot_w2_per_block
+from .scheduler import JKOHistory
+
+__all__ = [
+    "IterationLog",
+    "RunFiles",
+    "load_data",
+    "prepare_run_dir",
+    "read_json",
+    "summarize",
+    "versions",
+    "write_json",
+    "write_plots",
+]
+
+
+class RunFiles:
+    """Paths of the files in a run directory."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.config = self.root / "config.json"
+        self.flow = self.root / "flow.pt"
+        self.history = self.root / "history.json"
+        self.log = self.root / "log.csv"
+        self.summary = self.root / "summary.json"
+        self.w2_plot = self.root / "w2_per_block.png"
+        self.samples_plot = self.root / "samples.png"
+
+    def require(self) -> RunFiles:
+        """Checks that this is a finished run directory."""
+        if not self.root.is_dir():
+            raise InputError(f"run directory not found: {self.root}")
+        for path in (self.config, self.flow):
+            if not path.is_file():
+                raise InputError(f"{self.root} is not a finished jkoflow run: {path.name} is missing")
+        return self
+
+    def load_flow(self, device: str = "cpu") -> Flow:
+        return Flow.load(self.flow, map_location=device)
+
+    def data_config(self) -> DataConfig:
+        return config_from_dict(DataConfig, read_json(self.config)["data"])
+
+    def train_config(self) -> JKOConfig:
+        return config_from_dict(JKOConfig, read_json(self.config)["train"])
+
+
+def prepare_run_dir(path: str | os.PathLike, overwrite: bool = False) -> RunFiles:
+    """Creates the run directory; refuses one that already holds a run unless
+    ``overwrite``, in which case the old run's files are removed first."""
+    files = RunFiles(path)
+    if files.root.exists() and not files.root.is_dir():
+        raise InputError(f"--out {files.root} exists and is not a directory")
+    if files.config.exists():
+        if not overwrite:
+            raise InputError(
+                f"{files.root} already holds a run; pass --overwrite to replace it or choose another --out"
+            )
+        shutil.rmtree(files.root)
+    files.root.mkdir(parents=True, exist_ok=True)
+    return files
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Writes JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"cannot read {path} as JSON: {error}") from None
+
+
+def load_data(config: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (train, val, test) split that a :class:`DataConfig` describes."""
+    x = datasets.load(config.name, n=config.n_samples, seed=config.seed)
+    return datasets.split(x, config.val_fraction, config.test_fraction, seed=config.seed)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries that determine a run's numbers."""
+    import ot
+    import torchdiffeq
+
+    from . import __version__
+
+    return {
+        "jkoflow": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchdiffeq": getattr(torchdiffeq, "__version__", "unknown"),
+        "numpy": np.__version__,
+        "pot": ot.__version__,
+    }
+
+
+class IterationLog:
+    """Appends per-iteration records to a CSV file as training goes."""
+
+    FIELDS = ("block", "iter", "loss", "kl", "transport", "lr", "seconds")
+
+    def __init__(self, path: str | os.PathLike):
+        self._file = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self._writer = csv.DictWriter(self._file, self.FIELDS, extrasaction="ignore")
+        self._writer.writeheader()
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self._writer.writerow(record)
+        if record["iter"] % 50 == 0:
+            self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> IterationLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds: float) -> dict[str, Any]:
+    """summary.json of a JKO run: test NLL (nats, constant included, at the
+    flow's eval steps), blocks, batches, seconds and per-block figures."""
+    last = history.blocks[-1] if history.blocks else {}
+    log_scale = float(flow.scale.log().sum())
+    n_inv = min(len(x_test), 2000)
+    summary = {
+        "test_nll": last.get("test_nll"),
+        "eval_steps": flow.steps,
+        "n_blocks": len(flow),
+        "stopped_by": history.stopped_by,
+        "train_seconds": history.train_seconds,
+        "wall_seconds": wall_seconds,
+        "n_batches": history.n_batches,
+        "inversion_error": inversion_error(flow, x_test[:n_inv]),
+        "inversion_error_rows": n_inv,
+        "n_parameters": parameter_count(flow),
+        "blocks": [
+            {
+                key: b[key]
+                for key in ("h", "w2", "ter", "n_batches", "seconds", "val_nll", "test_nll")
+                if key in b
+            }
+            for b in history.blocks
+        ],
+    }
+    if log_scale != 0.0 and summary["test_nll"] is not None:
+        summary["test_nll_standardized"] = summary["test_nll"] - log_scale
+    return summary
+
+
+def write_plots(
+    files: RunFiles, flow: Flow, history: dict[str, Any], x_test: np.ndarray, seed: int = 0
+) -> None:
+    """w2_per_block.png from the history; samples.png from the test data, model
+    samples and the test data pushed to the latent space."""
+    plot_w2_per_block(history, files.w2_plot)
+    n = min(len(x_test), 20000)
+    with torch.no_grad():
+        model = flow.sample(n, generator=torch.Generator().manual_seed(seed)).cpu().numpy()
+        latent = flow(x_test[:n])[0].cpu().numpy()
+    plot_samples(x_test[:n], model, latent, files.samples_plot)

@@ -1,0 +1,27 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import blocks
+
+from . import analytic_blocks  # noqa: F401  (registers the analytic test blocks)
+
+
+@pytest.fixture
+def random_otflow():
+    """A float64 OT-Flow block with non-trivial weights."""
+
+    def make(dim: int = 2, width: int = 8, depth: int = 2, seed: int = 0, scale: float = 0.3):
+        torch.manual_seed(seed)
+        block = blocks.make("otflow", dim=dim, width=width, depth=depth).double()
+        with torch.no_grad():
+            for p in block.parameters():
+                p.add_(scale * torch.randn_like(p))
+            block.w.mul_(0.3)  # a gentle field: |v| ~ 1, so RK4 is in its asymptotic regime
+            block.A.mul_(0.5)
+        return block
+
+    return make

@@ -1,0 +1,127 @@
+"""Flow: composition, standardisation, normalisation of the density, save/load."""
+
+import math
+
+import pytest
+import torch
+
+import blocks
+from jkoflow import Flow, InputError, gaussian_log_prob
+
+
+@pytest.fixture
+def flow(random_otflow):
+    return Flow(2, [random_otflow(seed=1), random_otflow(seed=2)], steps=16).double()
+
+
+def test_empty_flow_is_standard_gaussian():
+    flow = Flow(3).double()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    expected = -0.5 * x.pow(2).sum(1) - 1.5 * math.log(2 * math.pi)
+    assert torch.allclose(flow.log_prob(x), expected, atol=1e-14)
+    assert torch.allclose(gaussian_log_prob(x), expected, atol=1e-14)
+
+
+def test_standardisation_is_part_of_the_density():
+    shift = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    scale = torch.tensor([0.5, 3.0], dtype=torch.float64)
+    flow = Flow(2, shift=shift, scale=scale).double()
+    x = torch.randn(7, 2, dtype=torch.float64)
+    expected = gaussian_log_prob((x - shift) / scale) - scale.log().sum()
+    assert torch.allclose(flow.log_prob(x), expected, atol=1e-14)
+    assert torch.allclose(flow.inverse(flow(x)[0]), x, atol=1e-14)
+
+
+@torch.no_grad()
+def test_density_agrees_with_sampler(flow):
+    """∫_box p(x) dx by quadrature equals the fraction of flow samples in the box."""
+    grid = torch.linspace(-7, 7, 281, dtype=torch.float64)
+    xx, yy = torch.meshgrid(grid, grid, indexing="ij")
+    points = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+    mass = float(flow.log_prob(points).exp().sum() * (grid[1] - grid[0]) ** 2)
+    samples = flow.sample(20000, generator=torch.Generator().manual_seed(0))
+    inside = float((samples.abs() <= 7).all(1).double().mean())
+    assert 0.5 < mass < 0.95  # the flow puts real mass outside the box: a non-trivial check
+    assert mass == pytest.approx(inside, abs=0.012)  # 4 standard errors
+
+
+@torch.no_grad()
+def test_inverse_round_trip_and_chunking(flow):
+    x = torch.randn(300, 2, dtype=torch.float64)
+    z, logdet = flow(x)
+    z_chunked, logdet_chunked = flow(x, chunk_size=64)
+    assert torch.allclose(z, z_chunked, atol=1e-13) and torch.allclose(logdet, logdet_chunked, atol=1e-13)
+    assert float((flow.inverse(z, chunk_size=100) - x).norm(dim=1).max()) < 1e-6
+
+
+@torch.no_grad()
+def test_sampling_is_repeatable_and_inverts(flow):
+    a = flow.sample(50, generator=torch.Generator().manual_seed(3))
+    b = flow.sample(50, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    z = torch.randn(50, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert float((flow(a)[0] - z).abs().max()) < 1e-6
+
+
+@torch.no_grad()
+def test_save_load_round_trip(flow, tmp_path):
+    flow.shift.fill_(0.25)
+    path = tmp_path / "flow.pt"
+    flow.save(path)
+    payload = torch.load(path, weights_only=True)  # plain tensors and strings only
+    assert payload["format"] == "jkoflow.flow"
+    loaded = Flow.load(path)
+    assert loaded.shift.dtype == torch.float64 and loaded.steps == 16 and len(loaded) == 2
+    x = torch.randn(20, 2, dtype=torch.float64)
+    assert torch.equal(loaded.log_prob(x), flow.log_prob(x))
+    assert loaded.config() == flow.config()
+    assert not (tmp_path / "flow.pt.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", "cannot read flow checkpoint"),
+        (b"not a checkpoint at all", "cannot read flow checkpoint"),
+    ],
+)
+def test_load_rejects_bad_files(tmp_path, content, match):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=match) as info:
+        Flow.load(path)
+    assert "\n" not in str(info.value)
+
+
+def test_load_rejects_other_formats_and_versions(tmp_path, flow):
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(InputError, match="not a jkoflow flow checkpoint"):
+        Flow.load(other)
+    path = tmp_path / "flow.pt"
+    flow.save(path)
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = 99
+    torch.save(payload, path)
+    with pytest.raises(InputError, match="format version 99"):
+        Flow.load(path)
+    truncated = tmp_path / "truncated.pt"
+    flow.save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(InputError, match="cannot read"):
+        Flow.load(truncated)
+    with pytest.raises(InputError, match="not found"):
+        Flow.load(tmp_path / "missing.pt")
+
+
+def test_bad_inputs_give_clear_errors(flow):
+    with pytest.raises(InputError, match=r"shape \(n, 2\)"):
+        flow.log_prob(torch.zeros(4, 3))
+    with pytest.raises(InputError, match="NaN or infinite"):
+        flow.log_prob(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(InputError, match="dimension 3 does not fit"):
+        flow.append(blocks.make("otflow", dim=3))
+    with pytest.raises(InputError, match="positive integer"):
+        flow.sample(0)
+    with pytest.raises(InputError, match="steps"):
+        Flow(2, steps=0)
