@@ -1,16 +1,14 @@
 """Figures of a run: per-block movement W_k and samples. Reads histories and
-arrays only; never trains."""
+arrays only; never trains. Uses matplotlib's object API (no pyplot state), so
+it works headless and leaves the caller's backend alone."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 __all__ = ["plot_samples", "plot_w2_per_block"]
 
@@ -20,7 +18,8 @@ def plot_w2_per_block(history: dict[str, Any], path: str | os.PathLike) -> None:
     validation NLL after each block, from a history dict (``JKOHistory.to_dict``)."""
     records = history["blocks"]
     k = np.arange(1, len(records) + 1)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     axes[0].bar(k, [r["w2"] for r in records], color="tab:blue")
     for x, r in zip(k, records, strict=True):
         axes[0].annotate(f"h={r['h']:.2g}", (x, r["w2"]), ha="center", va="bottom", fontsize=8)
@@ -40,7 +39,6 @@ def plot_w2_per_block(history: dict[str, Any], path: str | os.PathLike) -> None:
         ax.set_xticks(k)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_samples(
@@ -54,7 +52,8 @@ def plot_samples(
     latent space T(x) (which should look like N(0, I)). 2-D histograms of the
     coordinates ``dims``."""
     i, j = dims
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    fig = Figure(figsize=(12, 4))
+    axes = fig.subplots(1, 3)
     lim = float(np.quantile(np.abs(np.concatenate([data[:, [i, j]], model[:, [i, j]]])), 0.999)) * 1.05
     panels = [
         (data, "data", lim),
@@ -68,4 +67,3 @@ def plot_samples(
         ax.set(title=title, aspect="equal", xticks=[], yticks=[])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

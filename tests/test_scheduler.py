@@ -145,3 +145,21 @@ def test_bad_data(data):
         train_jko(train, val[:, :1], config=JKOConfig(**TINY))
     with pytest.raises(InputError, match="unknown block type"):
         train_jko(train, val, config=JKOConfig(**{**TINY, "block": "nope"}))
+
+
+def test_blocks_start_near_identity_or_warm():
+    from jkoflow.scheduler import _new_block
+
+    cold = _new_block(1, 2, JKOConfig(**TINY), previous=None)
+    x = torch.randn(64, 2)
+    v = cold(x, 0.3)[0].detach()
+    assert float(v.norm(dim=1).max()) < 0.05 * float(x.norm(dim=1).max())  # w = 0, small A
+    previous = _new_block(0, 2, JKOConfig(**TINY), previous=None)
+    with torch.no_grad():
+        for p in previous.parameters():
+            p.normal_()
+    warm = _new_block(1, 2, JKOConfig(**TINY, warm_start=True), previous=previous)
+    assert all(torch.equal(a, b) for a, b in zip(warm.parameters(), previous.parameters(), strict=True))
+    assert all(p.requires_grad for p in warm.parameters())
+    fresh = _new_block(1, 2, JKOConfig(**TINY), previous=previous)
+    assert torch.equal(fresh.w, torch.zeros_like(fresh.w))
