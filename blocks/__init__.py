@@ -10,15 +10,18 @@ Example:
 from .base import Block, time_column
 from .otflow import OTFlowBlock, PotentialDerivatives, logcosh
 from .registry import get, make, names, register
+from .timeslice import TimeSlice, time_slices
 
 __all__ = [
     "Block",
     "OTFlowBlock",
     "PotentialDerivatives",
+    "TimeSlice",
     "get",
     "logcosh",
     "make",
     "names",
     "register",
     "time_column",
+    "time_slices",
 ]

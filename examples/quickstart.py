@@ -34,8 +34,8 @@ print(f"inversion error: {inversion_error(flow, x_test[:2000]):.2e}")
 with torch.no_grad():
     samples = flow.sample(5, generator=torch.Generator().manual_seed(0))
     log_p = flow.log_prob(samples)
-print("samples:", samples.numpy().round(3).tolist())
-print("their log-densities:", log_p.numpy().round(3).tolist())
+for point, value in zip(samples.tolist(), log_p.tolist(), strict=True):
+    print(f"sample ({point[0]:+.3f}, {point[1]:+.3f})  log p = {value:.3f}")
 
 # 4. Save and load: weights plus a JSON config, no pickled code.
 with tempfile.TemporaryDirectory() as tmp:

@@ -18,6 +18,7 @@ import torch
 from . import datasets
 from .config import DataConfig, JKOConfig, config_from_dict
 from .errors import InputError
+from .flow import Flow
 from .metrics import inversion_error, nll
 from .run import (
     IterationLog,
@@ -25,6 +26,7 @@ from .run import (
     load_data,
     prepare_run_dir,
     read_json,
+    stage_checkpoint,
     summarize,
     versions,
     write_json,
@@ -51,6 +53,12 @@ TRAIN_HELP = {
     "train_steps": "RK4 steps per block while training",
     "eval_steps": "RK4 steps per block for pushing, NLL and sampling",
     "transport": "transport cost: 'path' (kinetic energy) or 'endpoint' (|T(x)-x|^2/2)",
+    "reparam_iters": "reparametrisation iterations of h after the initial pass (0: none)",
+    "reparam_tol": "stop reparametrising once max|W_k - mean W|/mean W is below this",
+    "reparam_eta": "damping of the h update h_k += eta (h_k mean(W)/W_k - h_k)",
+    "h_min": "smallest step size allowed by the reparametrisation",
+    "refine": "refinement stages: split every block into C time slices (one C per stage)",
+    "stage_iters": "Adam steps per block in reparametrisation/refinement stages (0: --iters)",
     "standardize": "standardise the data (NLL is still reported in data space)",
     "chunk_size": "rows per chunk when pushing and evaluating",
     "device": "torch device: cpu, cuda, cuda:N",
@@ -83,6 +91,8 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, help: dict[s
         text = f"{help[field.name]} (default: {default})"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=int, nargs="+", metavar="C", default=None, help=text)
         else:
             parser.add_argument(
                 flag, type=type(default), choices=CHOICES.get(field.name), default=None, help=text
@@ -180,10 +190,21 @@ def _train(args: argparse.Namespace) -> None:
             "versions": versions(),
         },
     )
+
+    def save_stage(history: JKOHistory, flow: Flow) -> None:  # a checkpoint after every stage
+        flow.save(stage_checkpoint(files, history.stages[-1]))
+        write_json(files.history, history.to_dict())
+
     start = time.perf_counter()
     with IterationLog(files.log) as log:
         flow, history = train_jko(
-            x_train, x_val, x_test, config=train_config, progress=not args.quiet, callback=log
+            x_train,
+            x_val,
+            x_test,
+            config=train_config,
+            progress=not args.quiet,
+            callback=log,
+            on_stage=save_stage,
         )
     wall = time.perf_counter() - start
     flow.save(files.flow)

@@ -84,6 +84,13 @@ class JKOConfig:
 
     Integration: ``train_steps`` RK4 steps per block in training,
     ``eval_steps`` for pushing, NLL and sampling.
+
+    Stages after the initial pass (DESIGN.md §4): up to ``reparam_iters``
+    reparametrisation iterations, h_k ← clip(h_k + η(h_k·S̄/S_k − h_k),
+    ``h_min``, ``h_max``) with η = ``reparam_eta``, until the spread
+    max|S_k − S̄|/S̄ < ``reparam_tol``; then one refinement stage per entry c of
+    ``refine`` (every block split into c time slices trained at h_k/c). Blocks
+    retrained in these stages get ``stage_iters`` Adam steps (0: ``iters``).
     """
 
     block: str = "otflow"
@@ -103,6 +110,12 @@ class JKOConfig:
     train_steps: int = 4
     eval_steps: int = 8
     transport: str = "path"
+    reparam_iters: int = 0
+    reparam_tol: float = 0.15
+    reparam_eta: float = 0.5
+    h_min: float = 0.05
+    refine: tuple[int, ...] = ()
+    stage_iters: int = 0
     standardize: bool = False
     seed: int = 0
     chunk_size: int = 16384
@@ -110,7 +123,9 @@ class JKOConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _check_positive(self, ("h0", "rho", "h_max", "ter_eps", "lr"), float)
+        if isinstance(self.refine, (list, tuple)):  # JSON gives lists
+            object.__setattr__(self, "refine", tuple(self.refine))
+        _check_positive(self, ("h0", "rho", "h_max", "ter_eps", "lr", "reparam_tol", "h_min"), float)
         _check_positive(
             self,
             (
@@ -127,6 +142,18 @@ class JKOConfig:
         )
         if not 0 <= self.lr_final_factor <= 1:
             raise InputError(f"lr_final_factor must be in [0, 1], got {self.lr_final_factor!r}")
+        if self.h_min > self.h_max:
+            raise InputError(f"h_min ({self.h_min}) must not exceed h_max ({self.h_max})")
+        if not (isinstance(self.reparam_eta, (int, float)) and 0 < self.reparam_eta <= 1):
+            raise InputError(f"reparam_eta must be in (0, 1], got {self.reparam_eta!r}")
+        for name in ("reparam_iters", "stage_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.refine, tuple) or any(
+            isinstance(c, bool) or not isinstance(c, int) or c < 2 for c in self.refine
+        ):
+            raise InputError(f"refine factors must be integers ≥ 2, got {self.refine!r}")
         if self.transport not in ("path", "endpoint"):
             raise InputError(f"transport must be 'path' or 'endpoint', got {self.transport!r}")
         if self.train_steps > self.eval_steps:

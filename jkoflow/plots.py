@@ -7,38 +7,87 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["plot_samples", "plot_w2_per_block"]
+__all__ = ["plot_h_per_block", "plot_samples", "plot_w2_per_block"]
 
 
 def plot_w2_per_block(history: dict[str, Any], path: str | os.PathLike) -> None:
-    """Bars of W_k = sqrt(E‖T_k(x) − x‖²) per block with Ter(k) and the
-    validation NLL after each block, from a history dict (``JKOHistory.to_dict``)."""
-    records = history["blocks"]
-    k = np.arange(1, len(records) + 1)
-    fig = Figure(figsize=(13, 3.8))
+    """Per-block movement W_k = sqrt(E‖T_k(x) − x‖²) (validation set) for every
+    stage (initial pass, reparametrisation iterations, refinements), Ter(k), and
+    the NLL: after each block for a single stage, after each stage otherwise.
+
+    ``history`` is ``JKOHistory.to_dict()``."""
+    stages = history["stages"]
+    fig = Figure(figsize=(14, 4))
     axes = fig.subplots(1, 3)
-    axes[0].bar(k, [r["w2"] for r in records], color="tab:blue")
-    for x, r in zip(k, records, strict=True):
-        axes[0].annotate(f"h={r['h']:.2g}", (x, r["w2"]), ha="center", va="bottom", fontsize=8)
+    if len(stages) == 1:
+        records = stages[0]["blocks"]
+        k = np.arange(1, len(records) + 1)
+        axes[0].bar(k, [r["w2"] for r in records], color="tab:blue")
+        for x, r in zip(k, records, strict=True):
+            axes[0].annotate(f"h={r['h']:.2g}", (x, r["w2"]), ha="center", va="bottom", fontsize=8)
+        axes[0].set_xticks(k)
+    else:
+        for stage, colour in zip(stages, _colours(len(stages)), strict=True):
+            w2 = [r["w2"] for r in stage["blocks"]]
+            label = f"{stage['name']} (spread {stage['spread']:.2f})"
+            axes[0].plot(np.arange(1, len(w2) + 1), w2, "o-", color=colour, label=label, ms=4)
+        axes[0].legend(fontsize=7)
     axes[0].set(xlabel="block k", ylabel="$W_k$", title="per-block movement $W_k$ (validation)")
+
+    for stage, colour in zip(stages, _colours(len(stages)), strict=True):
+        ter = [r["ter"] for r in stage["blocks"]]
+        axes[1].semilogy(np.arange(1, len(ter) + 1), ter, "o-", color=colour, ms=4, label=stage["name"])
     eps = history["config"].get("ter_eps")
-    axes[1].semilogy(k, [r["ter"] for r in records], "o-", color="tab:orange")
     if eps is not None:
         axes[1].axhline(eps, color="gray", ls="--", label=f"stop at Ter < {eps:g}")
-        axes[1].legend()
+    axes[1].legend(fontsize=7)
     axes[1].set(xlabel="block k", ylabel="Ter(k)", title="relative movement Ter(k)")
-    axes[2].plot(k, [r["val_nll"] for r in records], "o-", label="validation")
-    if all("test_nll" in r for r in records):
-        axes[2].plot(k, [r["test_nll"] for r in records], "s--", label="test")
-    axes[2].set(xlabel="block k", ylabel="NLL (nats)", title="NLL after block k")
+
+    if len(stages) == 1:
+        records = stages[0]["blocks"]
+        x, names = np.arange(1, len(records) + 1), None
+        val = [r["val_nll"] for r in records]
+        test = [r["test_nll"] for r in records] if all("test_nll" in r for r in records) else None
+        axes[2].set(xlabel="block k", title="NLL after block k")
+    else:
+        x, names = np.arange(len(stages)), [s["name"] for s in stages]
+        val = [s["val_nll"] for s in stages]
+        test = [s["test_nll"] for s in stages] if all("test_nll" in s for s in stages) else None
+        axes[2].set(title="NLL after each stage")
+    axes[2].plot(x, val, "o-", label="validation")
+    if test is not None:
+        axes[2].plot(x, test, "s--", label="test")
+    if names is not None:
+        axes[2].set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    else:
+        axes[2].set_xticks(x)
+    axes[2].set(ylabel="NLL (nats)")
     axes[2].legend()
-    for ax in axes:
-        ax.set_xticks(k)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_h_per_block(history: dict[str, Any], path: str | os.PathLike) -> None:
+    """Step size h_k per block for every stage (log scale)."""
+    stages = history["stages"]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for stage, colour in zip(stages, _colours(len(stages)), strict=True):
+        h = [r["h"] for r in stage["blocks"]]
+        ax.semilogy(np.arange(1, len(h) + 1), h, "o-", color=colour, ms=4, label=stage["name"])
+    ax.set(xlabel="block k", ylabel="$h_k$", title="JKO step size per block")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _colours(n: int) -> list:
+    cmap = matplotlib.colormaps["viridis"]
+    return [cmap(v) for v in np.linspace(0.0, 0.85, max(n, 1))][:n]
 
 
 def plot_samples(

@@ -2,7 +2,8 @@
 commands read it back.
 
     config.json     data and trainer configs, library versions, threads
-    flow.pt         the flow checkpoint (weights + JSON config, no pickled code)
+    flow.pt         the final flow (weights + JSON config, no pickled code)
+    flow-*.pt       the flow after each stage (flow-initial.pt, flow-reparam-1.pt, …)
     history.json    per-block records and every iteration
     log.csv         per-iteration log, written while training
     summary.json    test NLL, blocks, batches, seconds, per-block figures
@@ -27,7 +28,7 @@ from .config import DataConfig, JKOConfig, config_from_dict
 from .errors import InputError
 from .flow import Flow
 from .metrics import inversion_error, parameter_count
-from .plots import plot_samples, plot_w2_per_block
+from .plots import plot_h_per_block, plot_samples, plot_w2_per_block
 from .scheduler import JKOHistory
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "load_data",
     "prepare_run_dir",
     "read_json",
+    "stage_checkpoint",
     "summarize",
     "versions",
     "write_json",
@@ -54,6 +56,7 @@ class RunFiles:
         self.log = self.root / "log.csv"
         self.summary = self.root / "summary.json"
         self.w2_plot = self.root / "w2_per_block.png"
+        self.h_plot = self.root / "h_per_block.png"
         self.samples_plot = self.root / "samples.png"
 
     def require(self) -> RunFiles:
@@ -135,7 +138,7 @@ def versions() -> dict[str, str]:
 class IterationLog:
     """Appends per-iteration records to a CSV file as training goes."""
 
-    FIELDS = ("block", "iter", "loss", "kl", "transport", "lr", "seconds")
+    FIELDS = ("stage", "block", "iter", "loss", "kl", "transport", "lr", "seconds")
 
     def __init__(self, path: str | os.PathLike):
         self._file = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
@@ -155,6 +158,15 @@ class IterationLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+STAGE_KEYS = ("name", "kind", "factor", "spread", "val_nll", "test_nll", "n_batches", "seconds")
+
+
+def stage_checkpoint(files: RunFiles, stage: dict[str, Any]) -> Path:
+    """Path of the checkpoint written after ``stage``: ``flow-initial.pt``,
+    ``flow-reparam-1.pt``, ``flow-refine-1.pt``, …"""
+    return files.root / ("flow-" + stage["name"].replace(" ", "-") + ".pt")
 
 
 def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds: float) -> dict[str, Any]:
@@ -182,6 +194,15 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
             }
             for b in history.blocks
         ],
+        "stages": [
+            {
+                **{key: s[key] for key in STAGE_KEYS if key in s},
+                "n_blocks": len(s["blocks"]),
+                "h": [b["h"] for b in s["blocks"]],
+                "w2": [b["w2"] for b in s["blocks"]],
+            }
+            for s in history.stages
+        ],
     }
     if log_scale != 0.0 and summary["test_nll"] is not None:
         summary["test_nll_standardized"] = summary["test_nll"] - log_scale
@@ -194,6 +215,7 @@ def write_plots(
     """w2_per_block.png from the history; samples.png from the test data, model
     samples and the test data pushed to the latent space."""
     plot_w2_per_block(history, files.w2_plot)
+    plot_h_per_block(history, files.h_plot)
     n = min(len(x_test), 20000)
     with torch.no_grad():
         model = flow.sample(n, generator=torch.Generator().manual_seed(seed)).cpu().numpy()

@@ -8,7 +8,17 @@ block's movement is measured on the validation set:
 
     W_k = sqrt(E‖T_k(x) − x‖²),   Ter(k) = E‖T_k(x) − x‖² / E‖T_k(x)‖².
 
-Blocks are added until Ter(k) < ε or the flow holds ``max_blocks`` blocks.
+Training runs in stages, each recorded in the history:
+
+1. ``initial``: blocks are added, h_k = min(h0·ρ^k, h_max), until Ter(k) < ε
+   or the flow holds ``max_blocks`` blocks.
+2. ``reparam i`` (up to ``reparam_iters``): with S_k = W_k and S̄ their mean,
+   h_k ← clip(h_k + η(h_k·S̄/S_k − h_k), h_min, h_max); then every block is
+   retrained in order from its current weights on freshly pushed samples.
+   Stops once the spread max_k |S_k − S̄|/S̄ < ``reparam_tol``.
+3. ``refine c`` (one stage per entry of ``refine``): every block is split into
+   c time slices (:func:`blocks.time_slices`, the same map before training)
+   and each slice is trained in order with step h_k/c.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from blocks import Block
+from blocks import Block, time_slices
 
 from .config import JKOConfig, resolve_dtype
 from .errors import InputError
@@ -31,7 +41,9 @@ from .flow import Flow, as_data_tensor, chunked
 from .objectives import gaussian_log_prob, jko_loss
 from .ode import integrate
 
-__all__ = ["JKOHistory", "train_jko"]
+__all__ = ["JKOHistory", "movement_spread", "reparametrize", "train_jko"]
+
+StageCallback = Callable[["JKOHistory", Flow], None]
 
 
 @dataclass
@@ -40,39 +52,61 @@ class JKOHistory:
 
     Attributes:
         config: The :class:`JKOConfig` as a dict.
-        blocks: One record per trained block: ``index``, ``h``, ``w2``, ``ter``,
-            ``val_nll`` (and ``test_nll`` when a test set was given),
-            ``n_batches``, ``seconds`` (training and pushing), ``loss_first``,
-            ``loss_last``.
-        iterations: One record per optimisation step: ``block``, ``iter``,
-            ``loss``, ``kl``, ``transport``, ``lr``, ``seconds``.
-        stopped_by: ``"ter"`` (Ter(k) < ε) or ``"max_blocks"``.
+        stages: One record per stage: ``name`` (``"initial"``, ``"reparam 1"``,
+            …, ``"refine 1"``, …), ``kind``, ``blocks`` (one record per block
+            of the flow after that stage: ``index``, ``h``, ``w2``, ``ter``,
+            ``val_nll``, ``test_nll`` when a test set was given, ``n_batches``,
+            ``seconds``, ``loss_first``, ``loss_last``; refined blocks also
+            ``parent`` and ``slice``), ``spread`` (max |W_k − W̄|/W̄),
+            ``val_nll``, ``test_nll``, ``n_batches``, ``seconds``.
+        iterations: One record per optimisation step: ``stage``, ``block``,
+            ``iter``, ``loss``, ``kl``, ``transport``, ``lr``, ``seconds``.
+        stopped_by: How the initial pass ended: ``"ter"`` or ``"max_blocks"``.
     """
 
     config: dict[str, Any]
-    blocks: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)
     iterations: list[dict[str, Any]] = field(default_factory=list)
     stopped_by: str = ""
 
     @property
+    def blocks(self) -> list[dict[str, Any]]:
+        """Per-block records of the final flow (the last stage)."""
+        return self.stages[-1]["blocks"] if self.stages else []
+
+    @property
     def n_batches(self) -> int:
-        return sum(b["n_batches"] for b in self.blocks)
+        return sum(s["n_batches"] for s in self.stages)
 
     @property
     def train_seconds(self) -> float:
-        return sum(b["seconds"] for b in self.blocks)
+        return sum(s["seconds"] for s in self.stages)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config,
-            "blocks": self.blocks,
+            "stages": self.stages,
             "iterations": self.iterations,
             "stopped_by": self.stopped_by,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JKOHistory:
-        return cls(data["config"], data["blocks"], data["iterations"], data.get("stopped_by", ""))
+        return cls(data["config"], data["stages"], data["iterations"], data.get("stopped_by", ""))
+
+
+def movement_spread(w2: list[float]) -> float:
+    """max_k |S_k − S̄| / S̄ for the per-block movements S_k = W_k."""
+    s = np.asarray(w2, dtype=float)
+    return float(np.abs(s - s.mean()).max() / s.mean())
+
+
+def reparametrize(h: list[float], w2: list[float], eta: float, h_min: float, h_max: float) -> list[float]:
+    """One step of h_k ← clip(h_k + η(h_k·S̄/S_k − h_k), h_min, h_max) with S_k = W_k."""
+    s = np.asarray(w2, dtype=float)
+    hs = np.asarray(h, dtype=float)
+    moved = hs + eta * (hs * s.mean() / np.maximum(s, 1e-12) - hs)
+    return [float(v) for v in np.clip(moved, h_min, h_max)]
 
 
 @dataclass
@@ -94,8 +128,10 @@ def train_jko(
     flow: Flow | None = None,
     progress: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    on_stage: StageCallback | None = None,
 ) -> tuple[Flow, JKOHistory]:
-    """Trains a flow block by block with the JKO scheme.
+    """Trains a flow block by block with the JKO scheme, then runs the
+    reparametrisation and refinement stages that ``config`` asks for.
 
     Arguments:
         x_train: Training data, array-like (n, d).
@@ -104,9 +140,13 @@ def train_jko(
         x_test: Optional test data; its NLL is then recorded per block.
         config: A :class:`JKOConfig` (defaults if omitted).
         flow: A flow to extend: new blocks are appended after its blocks, on
-            data pushed through it (incremental training).
+            data pushed through it (incremental training). Its blocks stay
+            frozen; later stages only change the new blocks.
         progress: Show progress bars and a line per block.
         callback: Called with every per-iteration record.
+        on_stage: Called as ``on_stage(history, flow)`` after each stage (the
+            stage just ended is ``history.stages[-1]``), e.g. to save a
+            checkpoint per stage.
 
     Returns:
         ``(flow, history)``: the trained :class:`Flow` (frozen blocks, eval
@@ -117,8 +157,8 @@ def train_jko(
         >>> x = jkoflow.datasets.load("8gaussians", n=3000)
         >>> cfg = jkoflow.JKOConfig(width=8, iters=5, batch_size=256, max_blocks=1)
         >>> flow, history = jkoflow.train_jko(x, config=cfg)
-        >>> len(flow), len(history.iterations)
-        (1, 5)
+        >>> len(flow), len(history.iterations), history.stages[0]["name"]
+        (1, 5, 'initial')
     """
     config = config or JKOConfig()
     like = torch.empty(0, dtype=resolve_dtype(config.dtype), device=config.device)
@@ -135,55 +175,205 @@ def train_jko(
             f"the training set has {len(x_train)} rows but batch_size is {config.batch_size}; "
             "lower the batch size or give more data"
         )
-
     if flow is None:
         flow = _new_flow(x_train, config)
     flow = flow.to(device=like.device, dtype=like.dtype)
-
     with torch.no_grad():
         sets = {"train": x_train, "val": x_val}
         if x_test is not None:
             sets["test"] = as_data_tensor(x_test, dim, like, "test data")
-        cached = {name: _Cached(*flow(x, config.chunk_size)) for name, x in sets.items()}
+        base = {name: _Cached(*flow(x, config.chunk_size)) for name, x in sets.items()}
 
-    history = JKOHistory(config.to_dict())
-    generator = torch.Generator().manual_seed(config.seed)
-    history.stopped_by = "max_blocks"
-    for k in range(len(flow), config.max_blocks):
+    trainer = _Trainer(flow, base, config, like, progress, callback, on_stage)
+    trainer.initial_pass()
+    for _ in range(config.reparam_iters):
+        if movement_spread([b["w2"] for b in trainer.history.blocks]) < config.reparam_tol:
+            break
+        trainer.reparam_stage()
+    for count in config.refine:
+        trainer.refine_stage(count)
+    flow.eval()
+    return flow, trainer.history
+
+
+class _Trainer:
+    """State shared by the stages of one :func:`train_jko` call."""
+
+    def __init__(
+        self,
+        flow: Flow,
+        base: dict[str, _Cached],
+        config: JKOConfig,
+        like: Tensor,
+        progress: bool,
+        callback: Callable[[dict[str, Any]], None] | None,
+        on_stage: StageCallback | None,
+    ):
+        self.flow, self.base, self.config, self.like = flow, base, config, like
+        self.first = len(flow)  # blocks before this index are frozen input
+        self.progress, self.callback, self.on_stage = progress, callback, on_stage
+        self.history = JKOHistory(config.to_dict())
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    # -- stages -----------------------------------------------------------------
+
+    def initial_pass(self) -> None:
+        stage = self._open_stage("initial", "initial")
+        cached = self.base
+        self.history.stopped_by = "max_blocks"
+        for k in range(self.first, self.config.max_blocks):
+            previous = self.flow.blocks[-1] if len(self.flow) else None
+            block = _new_block(k, self.flow.dim, self.config, previous).to(self.like)
+            self.flow.append(block)
+            cached, record = self._fit(block, k, self.config.step_size(k), cached, self.config.iters)
+            stage["blocks"].append(record)
+            if record["ter"] < self.config.ter_eps:
+                self.history.stopped_by = "ter"
+                break
+        self._close_stage(stage)
+
+    def reparam_stage(self) -> None:
+        last = self.history.blocks
+        hs = reparametrize(
+            [b["h"] for b in last],
+            [b["w2"] for b in last],
+            self.config.reparam_eta,
+            self.config.h_min,
+            self.config.h_max,
+        )
+        n = sum(s["kind"] == "reparam" for s in self.history.stages) + 1
+        stage = self._open_stage(f"reparam {n}", "reparam")
+        cached = self.base
+        for block, h, old in zip(self.flow.blocks[self.first :], hs, last, strict=True):
+            cached, record = self._fit(
+                block, old["index"], h, cached, self.config.stage_iters or self.config.iters
+            )
+            stage["blocks"].append(record)
+        self._close_stage(stage)
+
+    def refine_stage(self, count: int) -> None:
+        last = self.history.blocks
+        old_blocks = list(self.flow.blocks[self.first :])
+        del self.flow.blocks[self.first :]
+        n = sum(s["kind"] == "refine" for s in self.history.stages) + 1
+        stage = self._open_stage(f"refine {n}", "refine", factor=count)
+        cached = self.base
+        for parent, (block, old) in enumerate(zip(old_blocks, last, strict=True)):
+            for j, piece in enumerate(time_slices(block, count)):
+                piece = piece.to(self.like)
+                self.flow.append(piece)
+                k = len(self.flow) - 1
+                iters = self.config.stage_iters or self.config.iters
+                cached, record = self._fit(piece, k, old["h"] / count, cached, iters)
+                record.update(parent=parent, slice=j)
+                stage["blocks"].append(record)
+        self._close_stage(stage)
+
+    # -- one block --------------------------------------------------------------
+
+    def _fit(
+        self, block: Block, k: int, h: float, cached: dict[str, _Cached], iters: int
+    ) -> tuple[dict[str, _Cached], dict[str, Any]]:
+        """Trains ``block`` (index k) for ``iters`` steps on samples of p_{k−1},
+        freezes it, pushes every set through it and measures its movement."""
         start = time.perf_counter()
-        h = config.step_size(k)
-        block = _new_block(k, dim, config, previous=flow.blocks[-1] if len(flow) else None).to(like)
-        losses = _train_block(block, k, cached["train"].x, h, config, generator, history, progress, callback)
+        block.requires_grad_(True)
+        losses = self._optimize(block, k, h, cached["train"].x, iters)
         block.requires_grad_(False)
-        flow.append(block)
         with torch.no_grad():
-            moved = {name: _push(block, c, flow.steps, config.chunk_size) for name, c in cached.items()}
+            moved = {
+                name: _push(block, c, self.flow.steps, self.config.chunk_size) for name, c in cached.items()
+            }
             step = (moved["val"].x - cached["val"].x).pow(2).sum(1).mean()
-            cached = moved
             record = {
                 "index": k,
                 "h": h,
                 "w2": float(step.sqrt()),
-                "ter": float(step / cached["val"].x.pow(2).sum(1).mean()),
-                "val_nll": cached["val"].nll(),
-                "n_batches": config.iters,
+                "ter": float(step / moved["val"].x.pow(2).sum(1).mean()),
+                "val_nll": moved["val"].nll(),
+                "n_batches": iters,
                 "seconds": time.perf_counter() - start,
                 "loss_first": losses[0],
                 "loss_last": losses[-1],
             }
-            if "test" in cached:
-                record["test_nll"] = cached["test"].nll()
-        history.blocks.append(record)
-        if progress:
+            if "test" in moved:
+                record["test_nll"] = moved["test"].nll()
+        if self.progress:
             tqdm.write(
-                f"block {k + 1}: h={h:.3g}  W={record['w2']:.4f}  Ter={record['ter']:.4f}  "
-                f"val NLL={record['val_nll']:.4f}  ({record['seconds']:.1f} s)"
+                f"[{self.history.stages[-1]['name']}] block {k + 1}: h={h:.3g}  W={record['w2']:.4f}  "
+                f"Ter={record['ter']:.4f}  val NLL={record['val_nll']:.4f}  ({record['seconds']:.1f} s)"
             )
-        if record["ter"] < config.ter_eps:
-            history.stopped_by = "ter"
-            break
-    flow.eval()
-    return flow, history
+        return moved, record
+
+    def _optimize(self, block: Block, k: int, h: float, x: Tensor, iters: int) -> list[float]:
+        """``iters`` Adam steps on the JKO loss of block k; returns the losses."""
+        config = self.config
+        block.train()
+        optimizer = torch.optim.Adam(block.parameters(), lr=config.lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=iters, eta_min=config.lr * config.lr_final_factor
+        )
+        stage = len(self.history.stages) - 1
+        losses = []
+        start = time.perf_counter()
+        bar = tqdm(
+            range(iters), desc=f"block {k + 1}", disable=not self.progress, leave=False, dynamic_ncols=True
+        )
+        for it in bar:
+            index = torch.randint(len(x), (config.batch_size,), generator=self.generator).to(x.device)
+            terms = jko_loss(block, x[index], h, config.train_steps, config.transport)  # type: ignore[arg-type]
+            loss = float(terms.loss.detach())
+            if not np.isfinite(loss):
+                raise FloatingPointError(
+                    f"block {k + 1}: the loss became {loss} at iteration {it}; "
+                    "try a lower lr or more train_steps"
+                )
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            optimizer.step()
+            schedule.step()
+            record = {
+                "stage": stage,
+                "block": k,
+                "iter": it,
+                "loss": loss,
+                "kl": float(terms.kl.detach()),
+                "transport": float(terms.transport.detach()),
+                "lr": lr,
+                "seconds": time.perf_counter() - start,
+            }
+            self.history.iterations.append(record)
+            losses.append(loss)
+            if self.callback is not None:
+                self.callback(record)
+            if it % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}", h=f"{h:.3g}")
+        bar.close()
+        block.eval()
+        return losses
+
+    # -- records ----------------------------------------------------------------
+
+    def _open_stage(self, name: str, kind: str, **extra: Any) -> dict[str, Any]:
+        stage = {"name": name, "kind": kind, **extra, "blocks": []}
+        self.history.stages.append(stage)
+        return stage
+
+    def _close_stage(self, stage: dict[str, Any]) -> None:
+        records = stage["blocks"]
+        stage["spread"] = movement_spread([b["w2"] for b in records]) if records else 0.0
+        stage["n_batches"] = sum(b["n_batches"] for b in records)
+        stage["seconds"] = sum(b["seconds"] for b in records)
+        if records:
+            stage["val_nll"] = records[-1]["val_nll"]
+            if "test_nll" in records[-1]:
+                stage["test_nll"] = records[-1]["test_nll"]
+        if self.progress:
+            nll = f", test NLL {stage['test_nll']:.4f}" if "test_nll" in stage else ""
+            tqdm.write(f"[{stage['name']}] {len(records)} blocks, W spread {stage['spread']:.3f}{nll}")
+        if self.on_stage is not None:
+            self.on_stage(self.history, self.flow)
 
 
 def _new_flow(x_train: Tensor, config: JKOConfig) -> Flow:
@@ -206,60 +396,6 @@ def _new_block(k: int, dim: int, config: JKOConfig, previous: Block | None) -> B
     if config.warm_start and same:
         block.load_state_dict(previous.state_dict())
     return block.requires_grad_(True)
-
-
-def _train_block(
-    block: Block,
-    k: int,
-    x: Tensor,
-    h: float,
-    config: JKOConfig,
-    generator: torch.Generator,
-    history: JKOHistory,
-    progress: bool,
-    callback: Callable[[dict[str, Any]], None] | None,
-) -> list[float]:
-    """``config.iters`` Adam steps on the JKO loss of block k; returns the losses."""
-    block.train()
-    optimizer = torch.optim.Adam(block.parameters(), lr=config.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=config.iters, eta_min=config.lr * config.lr_final_factor
-    )
-    losses = []
-    start = time.perf_counter()
-    bar = tqdm(
-        range(config.iters), desc=f"block {k + 1}", disable=not progress, leave=False, dynamic_ncols=True
-    )
-    for it in bar:
-        index = torch.randint(len(x), (config.batch_size,), generator=generator).to(x.device)
-        terms = jko_loss(block, x[index], h, config.train_steps, config.transport)  # type: ignore[arg-type]
-        loss = float(terms.loss.detach())
-        if not np.isfinite(loss):
-            raise FloatingPointError(
-                f"block {k + 1}: the loss became {loss} at iteration {it}; try a lower lr or more train_steps"
-            )
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.zero_grad(set_to_none=True)
-        terms.loss.backward()
-        optimizer.step()
-        schedule.step()
-        record = {
-            "block": k,
-            "iter": it,
-            "loss": loss,
-            "kl": float(terms.kl.detach()),
-            "transport": float(terms.transport.detach()),
-            "lr": lr,
-            "seconds": time.perf_counter() - start,
-        }
-        history.iterations.append(record)
-        losses.append(loss)
-        if callback is not None:
-            callback(record)
-        if it % 10 == 0:
-            bar.set_postfix(loss=f"{loss:.4f}", h=f"{h:.3g}")
-    bar.close()
-    return losses
 
 
 def _push(block: Block, cached: _Cached, steps: int, chunk_size: int) -> _Cached:

@@ -44,7 +44,7 @@ def test_train_writes_the_run_directory(run_dir):
     assert config["data"]["name"] == "8gaussians" and config["train"]["width"] == 8
     assert config["versions"]["torch"] and config["threads"] == 1
     log = (run_dir / "log.csv").read_text().splitlines()
-    assert log[0].startswith("block,iter,loss") and len(log) == 31
+    assert log[0].startswith("stage,block,iter,loss") and len(log) == 31
 
 
 def test_eval_reproduces_the_summary(run_dir, capsys):
