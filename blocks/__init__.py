@@ -7,14 +7,15 @@ Example:
     True
 """
 
-from .base import Block, time_column
-from .otflow import OTFlowBlock, PotentialDerivatives, logcosh
+from .base import Block, PotentialBlock, PotentialDerivatives, time_column
+from .otflow import OTFlowBlock, logcosh
 from .registry import get, make, names, register
 from .timeslice import TimeSlice, time_slices
 
 __all__ = [
     "Block",
     "OTFlowBlock",
+    "PotentialBlock",
     "PotentialDerivatives",
     "TimeSlice",
     "get",

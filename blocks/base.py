@@ -8,12 +8,12 @@ the members documented on :class:`Block`; they never look inside a block.
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Block", "time_column"]
+__all__ = ["Block", "PotentialBlock", "PotentialDerivatives", "time_column"]
 
 
 class Block(nn.Module, abc.ABC):
@@ -55,6 +55,42 @@ class Block(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config().items())
+
+
+class PotentialDerivatives(NamedTuple):
+    """Derivatives of a potential Φ at a batch of points (x, t).
+
+    Attributes:
+        grad_x: ∇_x Φ, shape (n, d).
+        dphi_dt: ∂_t Φ, shape (n,).
+        laplacian: tr ∇_x² Φ (spatial Hessian trace), shape (n,).
+    """
+
+    grad_x: Tensor
+    dphi_dt: Tensor
+    laplacian: Tensor
+
+
+class PotentialBlock(Block):
+    """A block whose velocity is v = −∇_x Φ(x, t) for a scalar potential Φ.
+
+    Subclasses implement :meth:`potential` and :meth:`derivatives`; the
+    velocity, divergence (−tr ∇_x² Φ) and the HJB residual ∂_tΦ − ½‖∇_xΦ‖²
+    used by the OT-Flow baseline follow from them.
+    """
+
+    @abc.abstractmethod
+    def potential(self, z: Tensor, t: float | Tensor) -> Tensor:
+        """Φ(z, t) for z (n, d) and t scalar or (n,); returns (n,)."""
+
+    @abc.abstractmethod
+    def derivatives(self, z: Tensor, t: float | Tensor) -> PotentialDerivatives:
+        """∇_x Φ, ∂_t Φ and tr ∇_x² Φ, exactly."""
+
+    def forward(self, z: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
+        """v = −∇_x Φ (n, d) and div v = −tr ∇_x² Φ (n,)."""
+        grad_x, _, laplacian = self.derivatives(z, t)
+        return -grad_x, -laplacian
 
 
 def time_column(t: float | Tensor, z: Tensor) -> Tensor:

@@ -7,15 +7,15 @@ Normalizing Flows via Optimal Transport", AAAI 2021 (DESIGN.md §3.1).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import Block, time_column
+from .base import PotentialBlock, PotentialDerivatives, time_column
 from .registry import register
 
-__all__ = ["OTFlowBlock", "PotentialDerivatives", "logcosh"]
+__all__ = ["OTFlowBlock", "logcosh"]
 
 
 def logcosh(x: Tensor) -> Tensor:
@@ -44,22 +44,8 @@ def _logcosh_with_slope(a: Tensor, slope: Tensor) -> Tensor:
     return _LogCosh.apply(a, slope)
 
 
-class PotentialDerivatives(NamedTuple):
-    """Closed-form derivatives of Φ at a batch of points s = (x, t).
-
-    Attributes:
-        grad_x: ∇_x Φ, shape (n, d).
-        dphi_dt: ∂_t Φ, shape (n,).
-        laplacian: tr ∇_x² Φ (spatial Hessian trace), shape (n,).
-    """
-
-    grad_x: Tensor
-    dphi_dt: Tensor
-    laplacian: Tensor
-
-
 @register("otflow")
-class OTFlowBlock(Block):
+class OTFlowBlock(PotentialBlock):
     r"""OT-Flow potential block (DESIGN.md §3.1).
 
     With s = (x, t) ∈ R^{d+1},
@@ -185,8 +171,3 @@ class OTFlowBlock(Block):
             if i < self.depth:
                 jac = torch.addcmul(jac, slopes[i].unsqueeze(1), kj, value=inv_depth)
         return PotentialDerivatives(grad_s[:, :d], grad_s[:, d], trace)
-
-    def forward(self, z: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
-        """v = −∇_x Φ (n, d) and div v = −tr ∇_x² Φ (n,)."""
-        grad_x, _, laplacian = self.derivatives(z, t)
-        return -grad_x, -laplacian

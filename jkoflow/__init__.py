@@ -8,25 +8,32 @@ Example:
 """
 
 from . import datasets
-from .config import JKOConfig
+from .config import DataConfig, JKOConfig
 from .errors import InputError
 from .flow import Flow
-from .objectives import JKOLoss, gaussian_log_prob, jko_loss
+from .objectives import JKOLoss, OTFlowLoss, gaussian_log_prob, jko_loss, otflow_loss
 from .ode import ODEResult, integrate
+from .otflow import OTFlowConfig, OTFlowHistory, train_otflow
 from .scheduler import JKOHistory, train_jko
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DataConfig",
     "Flow",
     "InputError",
     "JKOConfig",
     "JKOHistory",
     "JKOLoss",
     "ODEResult",
+    "OTFlowConfig",
+    "OTFlowHistory",
+    "OTFlowLoss",
     "datasets",
     "gaussian_log_prob",
     "integrate",
     "jko_loss",
+    "otflow_loss",
     "train_jko",
+    "train_otflow",
 ]

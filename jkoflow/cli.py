@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -16,23 +15,12 @@ import numpy as np
 import torch
 
 from . import datasets
+from .compare import compare
 from .config import DataConfig, JKOConfig, config_from_dict
 from .errors import InputError
-from .flow import Flow
 from .metrics import inversion_error, nll
-from .run import (
-    IterationLog,
-    RunFiles,
-    load_data,
-    prepare_run_dir,
-    read_json,
-    stage_checkpoint,
-    summarize,
-    versions,
-    write_json,
-    write_plots,
-)
-from .scheduler import JKOHistory, train_jko
+from .otflow import OTFLOW_PRESETS, OTFlowConfig
+from .run import RunFiles, load_data, read_json, run_jko, run_otflow, write_json, write_plots
 
 __all__ = ["main"]
 
@@ -69,8 +57,29 @@ DATA_HELP = {
     "val_fraction": "fraction of rows held out for validation",
     "test_fraction": "fraction of rows held out for testing",
 }
+OTFLOW_HELP = {
+    "block": "block type (a potential block when --alpha-r > 0)",
+    "width": "hidden width m of the block",
+    "depth": "ResNet layers M after the opening layer",
+    "alpha_c": "weight of the NLL term (preset per toy)",
+    "alpha_r": "weight of the HJB residual term (preset per toy)",
+    "iters": "Adam steps (mini-batches)",
+    "max_seconds": "stop after this many training seconds (0: no limit)",
+    "batch_size": "mini-batch size",
+    "lr": "initial learning rate",
+    "lr_drop": "factor applied to the lr when the validation NLL stalls",
+    "patience": "validation checks without improvement before an lr drop",
+    "max_drops": "stop after this many lr drops",
+    "val_every": "iterations between validation checks",
+    "train_steps": "RK4 steps while training (preset per toy)",
+    "eval_steps": "RK4 steps for validation, NLL and sampling (preset per toy)",
+    "standardize": "standardise the data (NLL is still reported in data space)",
+    "chunk_size": "rows per chunk when evaluating",
+    "device": "torch device: cpu, cuda, cuda:N",
+    "dtype": "float32 or float64",
+}
 CHOICES = {"transport": ("path", "endpoint"), "dtype": ("float32", "float64")}
-CONFIG_FILE_KEYS = {"data", "train", "threads", "versions"}
+CONFIG_FILE_KEYS = {"method", "data", "train", "otflow", "threads", "versions"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,6 +126,34 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     _add_common(train)
 
+    otflow = sub.add_parser("otflow", help="train the monolithic OT-Flow baseline")
+    otflow.add_argument("--data", help="toy name or a .npy/.csv file")
+    otflow.add_argument("--out", required=True, help="run directory to create")
+    otflow.add_argument("--config", help="JSON file with 'data' and 'otflow' sections")
+    otflow.add_argument(
+        "--seed", type=int, default=None, help="seed of data, split, initialisation and batches"
+    )
+    _add_config_options(otflow, DataConfig, DATA_HELP)
+    _add_config_options(otflow, OTFlowConfig, OTFLOW_HELP)
+    otflow.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    _add_common(otflow)
+
+    comp = sub.add_parser("compare", help="train jkoflow and OT-Flow on the same split; table and plots")
+    comp.add_argument("--data", help="toy name or a .npy/.csv file")
+    comp.add_argument("--out", required=True, help="directory for both runs and the comparison")
+    comp.add_argument("--config", help="JSON file with 'data', 'train' (jkoflow) and 'otflow' sections")
+    comp.add_argument(
+        "--seed", type=int, default=None, help="seed of data, split, initialisation and batches"
+    )
+    _add_config_options(comp, DataConfig, DATA_HELP)
+    comp.add_argument("--width", type=int, default=None, help="hidden width of both models (same capacity)")
+    comp.add_argument("--budget-batches", type=int, default=None, help="the same mini-batch budget for both")
+    comp.add_argument(
+        "--budget-seconds", type=float, default=None, help="the same training-time budget for both"
+    )
+    comp.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
+    _add_common(comp)
+
     sample = sub.add_parser("sample", help="draw samples from a trained flow")
     sample.add_argument("run", help="run directory")
     sample.add_argument("-n", type=int, required=True, help="number of samples")
@@ -152,16 +189,21 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _configs(args: argparse.Namespace) -> tuple[DataConfig, JKOConfig]:
-    sections: dict[str, dict[str, Any]] = {"data": {}, "train": {}}
+def _sections(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The config file's sections and the options given on the command line."""
+    sections: dict[str, dict[str, Any]] = {"data": {}, "train": {}, "otflow": {}}
     if args.config:
         loaded = read_json(args.config)
         if not isinstance(loaded, dict):
-            raise InputError(f"{args.config} must hold a JSON object with 'data' and 'train' sections")
+            raise InputError(
+                f"{args.config} must hold a JSON object with 'data' and 'train'/'otflow' sections"
+            )
         unknown = sorted(set(loaded) - CONFIG_FILE_KEYS)
         if unknown:
-            raise InputError(f"{args.config}: unknown keys {', '.join(unknown)}; expected 'data' and 'train'")
-        for key in ("data", "train"):
+            raise InputError(
+                f"{args.config}: unknown keys {', '.join(unknown)}; expected data, train, otflow"
+            )
+        for key in sections:
             sections[key].update(loaded.get(key, {}))
     given = {k: v for k, v in vars(args).items() if v is not None}
     if "data" in given:
@@ -169,54 +211,74 @@ def _configs(args: argparse.Namespace) -> tuple[DataConfig, JKOConfig]:
     if "name" not in sections["data"]:
         raise InputError("no data given: pass --data NAME|FILE or a --config file with a data section")
     if "seed" in given:
-        sections["data"]["seed"] = sections["train"]["seed"] = given["seed"]
-    for cls, key in ((DataConfig, "data"), (JKOConfig, "train")):
-        names = {f.name for f in dataclasses.fields(cls)} - {"name", "seed"}
-        sections[key].update({k: v for k, v in given.items() if k in names})
-    return config_from_dict(DataConfig, sections["data"]), config_from_dict(JKOConfig, sections["train"])
+        for section in sections.values():
+            section["seed"] = given["seed"]
+    return sections, given
+
+
+def _config(cls: type, section: dict[str, Any], given: dict[str, Any], preset: dict[str, Any] | None = None):
+    """``cls`` from its preset, then the config file's section, then the command line."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"name", "seed"}
+    values = {**(preset or {}), **section, **{k: v for k, v in given.items() if k in names}}
+    return config_from_dict(cls, values)
 
 
 def _train(args: argparse.Namespace) -> None:
-    data_config, train_config = _configs(args)
-    x_train, x_val, x_test = load_data(data_config)
-    train_config.make_block(x_train.shape[1])  # fail on a bad block before creating the run
-    files = prepare_run_dir(args.out, args.overwrite)
-    write_json(
-        files.config,
-        {
-            "data": data_config.to_dict(),
-            "train": train_config.to_dict(),
-            "threads": args.threads,
-            "versions": versions(),
-        },
+    sections, given = _sections(args)
+    data_config = _config(DataConfig, sections["data"], given)
+    config = _config(JKOConfig, sections["train"], given)
+    summary = run_jko(
+        args.out, data_config, config, load_data(data_config), args.threads, args.overwrite, not args.quiet
     )
-
-    def save_stage(history: JKOHistory, flow: Flow) -> None:  # a checkpoint after every stage
-        flow.save(stage_checkpoint(files, history.stages[-1]))
-        write_json(files.history, history.to_dict())
-
-    start = time.perf_counter()
-    with IterationLog(files.log) as log:
-        flow, history = train_jko(
-            x_train,
-            x_val,
-            x_test,
-            config=train_config,
-            progress=not args.quiet,
-            callback=log,
-            on_stage=save_stage,
-        )
-    wall = time.perf_counter() - start
-    flow.save(files.flow)
-    write_json(files.history, history.to_dict())
-    summary = summarize(flow, history, x_test, wall)
-    write_json(files.summary, summary)
-    write_plots(files, flow.cpu(), history.to_dict(), x_test, seed=data_config.seed)
     print(
-        f"{files.root}: {summary['n_blocks']} blocks ({summary['stopped_by']}), "
-        f"test NLL {summary['test_nll']:.4f} nats ({flow.steps} RK4 steps/block), "
+        f"{args.out}: {summary['n_blocks']} blocks ({summary['stopped_by']}), "
+        f"test NLL {summary['test_nll']:.4f} nats ({summary['eval_steps']} RK4 steps/block), "
         f"inversion error {summary['inversion_error']:.2e}, {summary['train_seconds']:.0f} s"
     )
+
+
+def _otflow(args: argparse.Namespace) -> None:
+    sections, given = _sections(args)
+    data_config = _config(DataConfig, sections["data"], given)
+    config = _config(OTFlowConfig, sections["otflow"], given, OTFLOW_PRESETS.get(data_config.name))
+    splits = load_data(data_config)
+    summary = run_otflow(args.out, data_config, config, splits, args.threads, args.overwrite, not args.quiet)
+    print(
+        f"{args.out}: OT-Flow, test NLL {summary['test_nll']:.4f} nats ({summary['eval_steps']} RK4 steps), "
+        f"best at {summary['best']['n_batches']} batches, inversion error {summary['inversion_error']:.2e}, "
+        f"{summary['train_seconds']:.0f} s"
+    )
+
+
+def _compare(args: argparse.Namespace) -> None:
+    sections, given = _sections(args)
+    budget: dict[str, Any] = {}
+    if args.budget_batches is not None:
+        if args.budget_batches < 1:
+            raise InputError(f"--budget-batches must be a positive integer, got {args.budget_batches}")
+        budget["max_batches"] = args.budget_batches
+    if args.budget_seconds is not None:
+        if not args.budget_seconds > 0:
+            raise InputError(f"--budget-seconds must be positive, got {args.budget_seconds}")
+        budget["max_seconds"] = args.budget_seconds
+    shared = {k: v for k, v in given.items() if k == "width"}
+    data_config = _config(DataConfig, sections["data"], given)
+    jko_config = _config(JKOConfig, {**sections["train"], **budget}, shared)
+    otflow_budget = {"max_seconds": budget.get("max_seconds", 0.0)}
+    if "max_batches" in budget:
+        otflow_budget["iters"] = budget["max_batches"]
+    otflow_config = _config(
+        OTFlowConfig, {**sections["otflow"], **otflow_budget}, shared, OTFLOW_PRESETS.get(data_config.name)
+    )
+    rows = compare(
+        args.out, data_config, jko_config, otflow_config, args.threads, args.overwrite, not args.quiet
+    )
+    for row in rows:
+        print(
+            f"{row['method']:>8}: test NLL {row['test_nll']:.4f}  MMD² {row['mmd2']:.2e}  "
+            f"W2 {row['w2']:.4f}  {row['n_batches']} batches  {row['train_seconds']:.0f} s"
+        )
+    print(f"wrote {args.out}/compare.md, compare.csv, compare.png")
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -265,13 +327,20 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _plot(args: argparse.Namespace) -> None:
     files = RunFiles(args.run).require()
-    history = JKOHistory.from_dict(read_json(files.history)).to_dict()
+    history = read_json(files.history)
     x_test = load_data(files.data_config())[2]
     write_plots(files, files.load_flow(), history, x_test, seed=files.data_config().seed)
-    print(f"wrote {files.w2_plot} and {files.samples_plot}")
+    print(f"redrew the plots of {files.root}")
 
 
-COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "plot": _plot}
+COMMANDS = {
+    "train": _train,
+    "otflow": _otflow,
+    "compare": _compare,
+    "sample": _sample,
+    "eval": _eval,
+    "plot": _plot,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from blocks import Block
 
 from .errors import InputError
 
-__all__ = ["DataConfig", "JKOConfig", "config_from_dict", "resolve_dtype"]
+__all__ = ["DataConfig", "JKOConfig", "check_positive", "config_from_dict", "resolve_dtype"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -27,7 +27,8 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
 
 
-def _check_positive(config: Any, names: tuple[str, ...], kind: type) -> None:
+def check_positive(config: Any, names: tuple[str, ...], kind: type) -> None:
+    """Raises InputError unless every field in ``names`` is a positive ``kind``."""
     for name in names:
         value = getattr(config, name)
         ok_type = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
@@ -55,7 +56,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise InputError(f"data must be a toy name or a file path, got {self.name!r}")
-        _check_positive(self, ("n_samples",), int)
+        check_positive(self, ("n_samples",), int)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
 
@@ -91,6 +92,10 @@ class JKOConfig:
     max|S_k − S̄|/S̄ < ``reparam_tol``; then one refinement stage per entry c of
     ``refine`` (every block split into c time slices trained at h_k/c). Blocks
     retrained in these stages get ``stage_iters`` Adam steps (0: ``iters``).
+
+    Budget: training stops once ``max_batches`` mini-batches or
+    ``max_seconds`` of training (0: no limit) are spent; the block in training
+    then ends early, is pushed and recorded, and no further block or stage runs.
     """
 
     block: str = "otflow"
@@ -116,6 +121,8 @@ class JKOConfig:
     h_min: float = 0.05
     refine: tuple[int, ...] = ()
     stage_iters: int = 0
+    max_batches: int = 0
+    max_seconds: float = 0.0
     standardize: bool = False
     seed: int = 0
     chunk_size: int = 16384
@@ -125,8 +132,8 @@ class JKOConfig:
     def __post_init__(self) -> None:
         if isinstance(self.refine, (list, tuple)):  # JSON gives lists
             object.__setattr__(self, "refine", tuple(self.refine))
-        _check_positive(self, ("h0", "rho", "h_max", "ter_eps", "lr", "reparam_tol", "h_min"), float)
-        _check_positive(
+        check_positive(self, ("h0", "rho", "h_max", "ter_eps", "lr", "reparam_tol", "h_min"), float)
+        check_positive(
             self,
             (
                 "width",
@@ -146,7 +153,9 @@ class JKOConfig:
             raise InputError(f"h_min ({self.h_min}) must not exceed h_max ({self.h_max})")
         if not (isinstance(self.reparam_eta, (int, float)) and 0 < self.reparam_eta <= 1):
             raise InputError(f"reparam_eta must be in (0, 1], got {self.reparam_eta!r}")
-        for name in ("reparam_iters", "stage_iters"):
+        if not (isinstance(self.max_seconds, (int, float)) and self.max_seconds >= 0):
+            raise InputError(f"max_seconds must be ≥ 0 (0: no limit), got {self.max_seconds!r}")
+        for name in ("reparam_iters", "stage_iters", "max_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"{name} must be a non-negative integer, got {value!r}")

@@ -34,11 +34,11 @@ FORMAT_VERSION = 1
 
 def chunked(fn: Callable[[Tensor], Any], x: Tensor, chunk_size: int) -> Any:
     """Applies ``fn`` to row chunks of ``x`` and concatenates the results
-    (a tensor or a tuple of tensors) along the first axis."""
+    (a tensor or a tuple of tensors, None entries kept) along the first axis."""
     outs = [fn(part) for part in torch.split(x, chunk_size)] if len(x) else [fn(x)]
     if not isinstance(outs[0], tuple):
         return torch.cat(outs)
-    joined = [torch.cat(parts) for parts in zip(*outs, strict=True)]
+    joined = [None if parts[0] is None else torch.cat(parts) for parts in zip(*outs, strict=True)]
     return type(outs[0])(*joined) if hasattr(outs[0], "_fields") else tuple(joined)
 
 
@@ -115,8 +115,8 @@ class Flow(nn.Module):
         def run(part: Tensor) -> tuple[Tensor, Tensor]:
             z, logdet = self.standardize(part)
             for block in self.blocks:
-                z, ld, _ = integrate(block, z, self.steps)
-                logdet = logdet + ld
+                out = integrate(block, z, self.steps)
+                z, logdet = out.z, logdet + out.logdet
             return z, logdet
 
         return chunked(run, x, chunk_size)

@@ -1,14 +1,17 @@
-"""Evaluation metrics of a trained flow (DESIGN.md §6)."""
+"""Evaluation metrics (DESIGN.md §6). Functions of flows and sample arrays;
+none knows how a flow was trained."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
+import ot
 import torch
 
 from .flow import Flow, as_data_tensor
 
-__all__ = ["inversion_error", "nll", "parameter_count"]
+__all__ = ["MMDResult", "W2Result", "inversion_error", "mmd2", "nll", "parameter_count", "wasserstein2"]
 
 
 @torch.no_grad()
@@ -30,3 +33,92 @@ def inversion_error(flow: Flow, x: Any, chunk_size: int = 16384) -> float:
 def parameter_count(flow: Flow) -> int:
     """Number of scalar parameters of all blocks."""
     return sum(p.numel() for p in flow.parameters())
+
+
+class MMDResult(NamedTuple):
+    """Unbiased MMD² with a Gaussian kernel and the bandwidth σ it used."""
+
+    mmd2: float
+    bandwidth: float
+    bandwidth_rule: str
+
+
+class W2Result(NamedTuple):
+    """A Wasserstein distance and how it was computed: ``"exact"`` is W2 from
+    ``ot.emd2``; ``"sliced"`` is the sliced W2 (a lower bound, not W2)."""
+
+    value: float
+    method: str
+    n: int
+
+
+def _as_array(x: Any) -> np.ndarray:
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"samples must be a 2-D array (n, d), got shape {x.shape}")
+    return x.astype(np.float64)
+
+
+def _kernel_sum(x: torch.Tensor, y: torch.Tensor, gamma: float, chunk: int = 2048) -> float:
+    return float(
+        sum(torch.exp(-gamma * torch.cdist(part, y).square()).sum() for part in torch.split(x, chunk))
+    )
+
+
+def mmd2(
+    x: Any, y: Any, bandwidth: float | None = None, max_median_points: int = 2000, seed: int = 0
+) -> MMDResult:
+    r"""Unbiased MMD² between samples x (m, d) and y (n, d),
+
+    .. math::
+        \frac{1}{m(m-1)}\sum_{i≠j} k(x_i, x_j) + \frac{1}{n(n-1)}\sum_{i≠j} k(y_i, y_j)
+        − \frac{2}{mn}\sum_{i,j} k(x_i, y_j), \qquad k(a, b) = e^{−‖a−b‖²/(2σ²)}.
+
+    σ is ``bandwidth`` when given, else the median pairwise distance of the
+    pooled samples (at most ``max_median_points`` of them, seeded).
+    """
+    xa, ya = _as_array(x), _as_array(y)
+    if len(xa) < 2 or len(ya) < 2:
+        raise ValueError("MMD needs at least two samples on each side")
+    rule = "given"
+    if bandwidth is None:
+        pooled = np.concatenate([xa, ya])
+        rng = np.random.default_rng(seed)
+        pick = pooled[rng.choice(len(pooled), min(len(pooled), max_median_points), replace=False)]
+        distances = torch.pdist(torch.from_numpy(pick))
+        bandwidth, rule = float(distances.median()), "median heuristic"
+    if not bandwidth > 0:
+        raise ValueError(f"bandwidth must be positive, got {bandwidth}")
+    gamma = 1.0 / (2.0 * bandwidth**2)
+    xt, yt = torch.from_numpy(xa), torch.from_numpy(ya)
+    m, n = len(xt), len(yt)
+    kxx = (_kernel_sum(xt, xt, gamma) - m) / (m * (m - 1))  # the diagonal k(x_i, x_i) = 1 removed
+    kyy = (_kernel_sum(yt, yt, gamma) - n) / (n * (n - 1))
+    kxy = _kernel_sum(xt, yt, gamma) / (m * n)
+    return MMDResult(kxx + kyy - 2.0 * kxy, bandwidth, rule)
+
+
+def wasserstein2(
+    x: Any, y: Any, method: str = "auto", max_exact: int = 3000, projections: int = 500, seed: int = 0
+) -> W2Result:
+    """Wasserstein-2 distance between the empirical measures of x (m, d) and y
+    (n, d) with uniform weights.
+
+    ``method="exact"``: W2 = sqrt(min_π Σ π_ij ‖x_i − y_j‖²) by ``ot.emd2``
+    (numItermax 1e7). ``"sliced"``: the sliced W2 of ``ot.sliced_wasserstein_distance``
+    over ``projections`` random directions, a different (smaller) quantity.
+    ``"auto"``: exact up to ``max_exact`` points per side, sliced beyond.
+    """
+    xa, ya = _as_array(x), _as_array(y)
+    if method == "auto":
+        method = "exact" if max(len(xa), len(ya)) <= max_exact else "sliced"
+    if method == "exact":
+        cost = ot.dist(xa, ya, metric="sqeuclidean")
+        value = float(
+            np.sqrt(max(ot.emd2(ot.unif(len(xa)), ot.unif(len(ya)), cost, numItermax=10_000_000), 0.0))
+        )
+    elif method == "sliced":
+        value = float(ot.sliced_wasserstein_distance(xa, ya, n_projections=projections, p=2, seed=seed))
+    else:
+        raise ValueError(f"method must be 'auto', 'exact' or 'sliced', got {method!r}")
+    return W2Result(value, method, min(len(xa), len(ya)))

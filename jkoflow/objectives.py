@@ -1,10 +1,19 @@
-r"""Training objectives. The JKO step of DESIGN.md §2:
+r"""Training objectives, both on the one integrator.
+
+The JKO step of DESIGN.md §2 (block k, step h_k):
 
 .. math::
     J_k(θ) = E_{x∼p_{k-1}}\big[½‖T_k(x)‖² − ℓ_k(x)\big] + \frac{1}{h_k} E\,[C_k(x)]
 
 with the transport cost C_k = L_k = ∫½‖v‖² dt (``"path"``, the dynamic
 Benamou–Brenier form) or C_k = ½‖T_k(x) − x‖² (``"endpoint"``).
+
+The monolithic OT-Flow objective of DESIGN.md §5 (one block over [0, 1]):
+
+.. math::
+    J(θ) = α_C\,E\big[½‖z(1)‖² − ℓ(1) + \tfrac d2 \log 2π\big] + E[L(1)] + α_R\,E[R(1)]
+
+with R the integrated HJB residual |∂tΦ − ½‖∇Φ‖²| (potential blocks only).
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from blocks import Block
 
 from .ode import integrate
 
-__all__ = ["JKOLoss", "Transport", "gaussian_log_prob", "jko_loss"]
+__all__ = ["JKOLoss", "OTFlowLoss", "Transport", "gaussian_log_prob", "jko_loss", "otflow_loss"]
 
 Transport = Literal["path", "endpoint"]
 
@@ -44,12 +53,38 @@ def gaussian_log_prob(z: Tensor) -> Tensor:
 
 def jko_loss(block: Block, x: Tensor, h: float, steps: int, transport: Transport = "path") -> JKOLoss:
     """The JKO step objective J_k on a batch ``x`` (n, d) with step size ``h``."""
-    z, logdet, kinetic = integrate(block, x, steps)
-    kl = (0.5 * z.pow(2).sum(1) - logdet).mean()
+    out = integrate(block, x, steps)
+    z = out.z
+    kl = (0.5 * z.pow(2).sum(1) - out.logdet).mean()
     if transport == "path":
-        cost = kinetic.mean()
+        cost = out.kinetic.mean()
     elif transport == "endpoint":
         cost = 0.5 * (z - x).pow(2).sum(1).mean()
     else:
         raise ValueError(f"transport must be 'path' or 'endpoint', got {transport!r}")
     return JKOLoss(kl + cost / h, kl, cost)
+
+
+class OTFlowLoss(NamedTuple):
+    """Value of the OT-Flow objective on a batch (scalars).
+
+    Attributes:
+        loss: α_C·nll + transport + α_R·hjb, the quantity minimised.
+        nll: E[−log p(x)] in nats, constant included (at the training steps).
+        transport: E[L], the kinetic energy.
+        hjb: E[R], the HJB residual (0 when α_R = 0, not integrated then).
+    """
+
+    loss: Tensor
+    nll: Tensor
+    transport: Tensor
+    hjb: Tensor
+
+
+def otflow_loss(block: Block, x: Tensor, steps: int, alpha_c: float, alpha_r: float) -> OTFlowLoss:
+    """The OT-Flow objective on a batch ``x`` (n, d); α_R > 0 needs a potential block."""
+    out = integrate(block, x, steps, hjb=alpha_r > 0)
+    nll = -(gaussian_log_prob(out.z) + out.logdet).mean()
+    transport = out.kinetic.mean()
+    hjb = out.hjb.mean() if out.hjb is not None else transport.new_zeros(())
+    return OTFlowLoss(alpha_c * nll + transport + alpha_r * hjb, nll, transport, hjb)

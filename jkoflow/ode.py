@@ -4,11 +4,13 @@ For a block with velocity v and divergence div v, :func:`integrate` solves
 (DESIGN.md §1)
 
 .. math::
-    \dot z = v(z, t), \quad \dot ℓ = \nabla\cdot v(z, t), \quad \dot L = ½‖v(z, t)‖²
+    \dot z = v(z, t), \quad \dot ℓ = \nabla\cdot v(z, t), \quad \dot L = ½‖v(z, t)‖²,
 
-from t0 to t1 with torchdiffeq's fixed-grid ``rk4`` (3/8 rule), ``steps`` equal
-steps, no adjoint. Going forward in time (0 → 1), ℓ(1) = log|det ∇T(x)| and
-L(1) is the kinetic energy of the path; going backward (1 → 0) gives T⁻¹.
+and for potential blocks on request the HJB residual
+:math:`\dot R = |∂_tΦ − ½‖∇_xΦ‖²|`, from t0 to t1 with torchdiffeq's
+fixed-grid ``rk4`` (3/8 rule), ``steps`` equal steps, no adjoint. Going
+forward in time (0 → 1), ℓ(1) = log|det ∇T(x)| and L(1) is the kinetic energy
+of the path; going backward (1 → 0) gives T⁻¹.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from blocks import Block
+from blocks import Block, PotentialBlock
 
 __all__ = ["ODEResult", "integrate"]
 
@@ -31,23 +33,34 @@ class ODEResult(NamedTuple):
         z: State at t1, shape (n, d).
         logdet: ∫ div v dt from t0 to t1, shape (n,).
         kinetic: ∫ ½‖v‖² dt from t0 to t1, shape (n,) (negative when t1 < t0).
+        hjb: ∫ |∂_tΦ − ½‖∇Φ‖²| dt, shape (n,), when asked for; else None.
     """
 
     z: Tensor
     logdet: Tensor
     kinetic: Tensor
+    hjb: Tensor | None = None
 
 
 class _Augmented(torch.nn.Module):
-    """Right-hand side of the augmented ODE for torchdiffeq."""
+    """Right-hand side of the augmented ODE (z, ℓ, L) for torchdiffeq."""
 
     def __init__(self, block: Block):
         super().__init__()
         self.block = block
 
-    def forward(self, t: Tensor, state: tuple[Tensor, Tensor, Tensor]):
+    def forward(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         v, div = self.block(state[0], t)
         return v, div, 0.5 * v.pow(2).sum(1)
+
+
+class _AugmentedHJB(_Augmented):
+    """(z, ℓ, L, R) for a potential block: R accumulates the HJB residual."""
+
+    def forward(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        grad_x, dphi_dt, laplacian = self.block.derivatives(state[0], t)
+        speed2 = grad_x.pow(2).sum(1)
+        return -grad_x, -laplacian, 0.5 * speed2, (dphi_dt - 0.5 * speed2).abs()
 
 
 def integrate(
@@ -56,6 +69,7 @@ def integrate(
     steps: int,
     t0: float = 0.0,
     t1: float = 1.0,
+    hjb: bool = False,
 ) -> ODEResult:
     """Integrates ``block`` from ``t0`` to ``t1`` in ``steps`` RK4 steps.
 
@@ -64,13 +78,21 @@ def integrate(
         x: Initial states, shape (n, d).
         steps: Number of equal RK4 steps (≥ 1).
         t0, t1: Start and end time; ``t1 < t0`` integrates backward.
+        hjb: Also integrate the HJB residual (potential blocks only).
 
     Returns:
-        :class:`ODEResult` with z(t1), ∫div v and ∫½‖v‖² over [t0, t1].
+        :class:`ODEResult` with z(t1), ∫div v, ∫½‖v‖² (and ∫HJB) over [t0, t1].
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     zeros = x.new_zeros(x.shape[0])
     grid = torch.linspace(t0, t1, steps + 1, dtype=x.dtype, device=x.device)
-    z, logdet, kinetic = odeint(_Augmented(block), (x, zeros, zeros), grid, method="rk4")
-    return ODEResult(z[-1], logdet[-1], kinetic[-1])
+    if hjb:
+        if not isinstance(block, PotentialBlock):
+            raise ValueError(
+                f"the HJB term needs a potential block (∂tΦ); block type {type(block).name!r} has none"
+            )
+        out = odeint(_AugmentedHJB(block), (x, zeros, zeros, zeros), grid, method="rk4")
+    else:
+        out = odeint(_Augmented(block), (x, zeros, zeros), grid, method="rk4")
+    return ODEResult(*(part[-1] for part in out))

@@ -11,7 +11,13 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["plot_h_per_block", "plot_samples", "plot_w2_per_block"]
+__all__ = [
+    "plot_comparison",
+    "plot_h_per_block",
+    "plot_samples",
+    "plot_validation_curve",
+    "plot_w2_per_block",
+]
 
 
 def plot_w2_per_block(history: dict[str, Any], path: str | os.PathLike) -> None:
@@ -81,6 +87,55 @@ def plot_h_per_block(history: dict[str, Any], path: str | os.PathLike) -> None:
         ax.semilogy(np.arange(1, len(h) + 1), h, "o-", color=colour, ms=4, label=stage["name"])
     ax.set(xlabel="block k", ylabel="$h_k$", title="JKO step size per block")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_validation_curve(history: dict[str, Any], path: str | os.PathLike) -> None:
+    """Validation NLL of an OT-Flow run against mini-batches and seconds, from
+    ``OTFlowHistory.to_dict()``; the kept (best) checkpoint is marked."""
+    records, best = history["validations"], history.get("best") or {}
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
+    for ax, key, label in ((axes[0], "n_batches", "mini-batches"), (axes[1], "seconds", "training seconds")):
+        ax.plot([r[key] for r in records], [r["val_nll"] for r in records], "-", color="tab:red")
+        if best:
+            ax.plot([best[key]], [best["val_nll"]], "k*", ms=10, label=f"kept: {best['val_nll']:.4f}")
+            ax.legend()
+        ax.set(xlabel=label, ylabel="validation NLL (nats)")
+    fig.suptitle("OT-Flow: validation NLL")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_comparison(
+    curves: dict[str, dict[str, list[float]]], samples: dict[str, np.ndarray], path: str | os.PathLike
+) -> None:
+    """NLL against mini-batches and against seconds for several methods, and
+    their samples side by side. ``curves[name]`` holds equal-length lists
+    ``n_batches``, ``seconds`` and ``nll``."""
+    fig = Figure(figsize=(4.2 * (2 + len(samples)), 4))
+    axes = fig.subplots(1, 2 + len(samples))
+    for (name, curve), colour in zip(curves.items(), ("tab:blue", "tab:red", "tab:green"), strict=False):
+        for ax, key in ((axes[0], "n_batches"), (axes[1], "seconds")):
+            ax.plot(
+                curve[key],
+                curve["nll"],
+                "o-" if len(curve["nll"]) < 30 else "-",
+                color=colour,
+                label=name,
+                ms=4,
+            )
+    axes[0].set(xlabel="mini-batches", ylabel="validation NLL (nats)", title="NLL vs mini-batches")
+    axes[1].set(xlabel="training seconds", ylabel="validation NLL (nats)", title="NLL vs wall-clock")
+    low = min(min(c["nll"]) for c in curves.values())
+    for ax in axes[:2]:
+        ax.set_ylim(low - 0.05, low + 1.0)
+        ax.legend()
+    lim = float(max(np.quantile(np.abs(x[:, :2]), 0.999) for x in samples.values())) * 1.05
+    for ax, (name, x) in zip(axes[2:], samples.items(), strict=True):
+        ax.hist2d(x[:, 0], x[:, 1], bins=200, range=[[-lim, lim], [-lim, lim]], cmap="inferno")
+        ax.set(title=f"{name} samples", aspect="equal", xticks=[], yticks=[])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -5,7 +5,7 @@ commands read it back.
     flow.pt         the final flow (weights + JSON config, no pickled code)
     flow-*.pt       the flow after each stage (flow-initial.pt, flow-reparam-1.pt, …)
     history.json    per-block records and every iteration
-    log.csv         per-iteration log, written while training
+    log.csv         per-iteration log (OT-Flow: per validation), written while training
     summary.json    test NLL, blocks, batches, seconds, per-block figures
     *.png           plots
 """
@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,10 @@ from . import datasets
 from .config import DataConfig, JKOConfig, config_from_dict
 from .errors import InputError
 from .flow import Flow
-from .metrics import inversion_error, parameter_count
-from .plots import plot_h_per_block, plot_samples, plot_w2_per_block
-from .scheduler import JKOHistory
+from .metrics import inversion_error, nll, parameter_count
+from .otflow import OTFlowConfig, train_otflow
+from .plots import plot_h_per_block, plot_samples, plot_validation_curve, plot_w2_per_block
+from .scheduler import JKOHistory, train_jko
 
 __all__ = [
     "IterationLog",
@@ -37,6 +39,8 @@ __all__ = [
     "load_data",
     "prepare_run_dir",
     "read_json",
+    "run_jko",
+    "run_otflow",
     "stage_checkpoint",
     "summarize",
     "versions",
@@ -57,6 +61,7 @@ class RunFiles:
         self.summary = self.root / "summary.json"
         self.w2_plot = self.root / "w2_per_block.png"
         self.h_plot = self.root / "h_per_block.png"
+        self.val_plot = self.root / "val_nll.png"
         self.samples_plot = self.root / "samples.png"
 
     def require(self) -> RunFiles:
@@ -74,8 +79,9 @@ class RunFiles:
     def data_config(self) -> DataConfig:
         return config_from_dict(DataConfig, read_json(self.config)["data"])
 
-    def train_config(self) -> JKOConfig:
-        return config_from_dict(JKOConfig, read_json(self.config)["train"])
+    def method(self) -> str:
+        """``"jko"`` or ``"otflow"``: which trainer made the run."""
+        return read_json(self.config).get("method", "jko")
 
 
 def prepare_run_dir(path: str | os.PathLike, overwrite: bool = False) -> RunFiles:
@@ -136,18 +142,22 @@ def versions() -> dict[str, str]:
 
 
 class IterationLog:
-    """Appends per-iteration records to a CSV file as training goes."""
+    """Appends records (JKO iterations or OT-Flow validations) to a CSV file as
+    training goes."""
 
-    FIELDS = ("stage", "block", "iter", "loss", "kl", "transport", "lr", "seconds")
+    JKO_FIELDS = ("stage", "block", "iter", "loss", "kl", "transport", "lr", "seconds")
+    OTFLOW_FIELDS = ("iter", "n_batches", "seconds", "val_nll", "lr")
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, fields: tuple[str, ...]):
         self._file = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
-        self._writer = csv.DictWriter(self._file, self.FIELDS, extrasaction="ignore")
+        self._writer = csv.DictWriter(self._file, fields, extrasaction="ignore")
         self._writer.writeheader()
+        self._lines = 0
 
     def __call__(self, record: dict[str, Any]) -> None:
         self._writer.writerow(record)
-        if record["iter"] % 50 == 0:
+        self._lines += 1
+        if self._lines % 50 == 0:
             self._file.flush()
 
     def close(self) -> None:
@@ -212,12 +222,99 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
 def write_plots(
     files: RunFiles, flow: Flow, history: dict[str, Any], x_test: np.ndarray, seed: int = 0
 ) -> None:
-    """w2_per_block.png from the history; samples.png from the test data, model
-    samples and the test data pushed to the latent space."""
-    plot_w2_per_block(history, files.w2_plot)
-    plot_h_per_block(history, files.h_plot)
+    """The run's figures: for a JKO run w2_per_block.png and h_per_block.png,
+    for an OT-Flow run val_nll.png; for both samples.png (test data, model
+    samples, test data pushed to the latent space)."""
+    if "stages" in history:
+        plot_w2_per_block(history, files.w2_plot)
+        plot_h_per_block(history, files.h_plot)
+    else:
+        plot_validation_curve(history, files.val_plot)
     n = min(len(x_test), 20000)
     with torch.no_grad():
         model = flow.sample(n, generator=torch.Generator().manual_seed(seed)).cpu().numpy()
         latent = flow(x_test[:n])[0].cpu().numpy()
     plot_samples(x_test[:n], model, latent, files.samples_plot)
+
+
+def _start_run(
+    out: str | os.PathLike,
+    overwrite: bool,
+    method: str,
+    data_config: DataConfig,
+    section: str,
+    config: Any,
+    threads: int,
+) -> RunFiles:
+    files = prepare_run_dir(out, overwrite)
+    record = {"method": method, "data": data_config.to_dict(), section: config.to_dict()}
+    write_json(files.config, {**record, "threads": threads, "versions": versions()})
+    return files
+
+
+def run_jko(
+    out: str | os.PathLike,
+    data_config: DataConfig,
+    config: JKOConfig,
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray],
+    threads: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Trains a JKO flow and writes its run directory; returns the summary."""
+    x_train, x_val, x_test = splits
+    config.make_block(x_train.shape[1])  # fail on a bad block before creating the run
+    files = _start_run(out, overwrite, "jko", data_config, "train", config, threads)
+
+    def save_stage(history: JKOHistory, flow: Flow) -> None:  # a checkpoint after every stage
+        flow.save(stage_checkpoint(files, history.stages[-1]))
+        write_json(files.history, history.to_dict())
+
+    start = time.perf_counter()
+    with IterationLog(files.log, IterationLog.JKO_FIELDS) as log:
+        flow, history = train_jko(
+            x_train, x_val, x_test, config=config, progress=progress, callback=log, on_stage=save_stage
+        )
+    summary = summarize(flow, history, x_test, time.perf_counter() - start)
+    flow.save(files.flow)
+    write_json(files.history, history.to_dict())
+    write_json(files.summary, summary)
+    write_plots(files, flow.cpu(), history.to_dict(), x_test, seed=data_config.seed)
+    return summary
+
+
+def run_otflow(
+    out: str | os.PathLike,
+    data_config: DataConfig,
+    config: OTFlowConfig,
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray],
+    threads: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Trains the monolithic OT-Flow baseline and writes its run directory."""
+    x_train, x_val, x_test = splits
+    files = _start_run(out, overwrite, "otflow", data_config, "otflow", config, threads)
+    start = time.perf_counter()
+    with IterationLog(files.log, IterationLog.OTFLOW_FIELDS) as log:
+        flow, history = train_otflow(x_train, x_val, config=config, progress=progress, callback=log)
+    wall = time.perf_counter() - start
+    n_inv = min(len(x_test), 2000)
+    summary = {
+        "test_nll": nll(flow, x_test),
+        "eval_steps": flow.steps,
+        "n_blocks": 1,
+        "stopped_by": history.stopped_by,
+        "train_seconds": history.train_seconds,
+        "wall_seconds": wall,
+        "n_batches": history.n_batches,
+        "best": history.best,
+        "inversion_error": inversion_error(flow, x_test[:n_inv]),
+        "inversion_error_rows": n_inv,
+        "n_parameters": parameter_count(flow),
+    }
+    flow.save(files.flow)
+    write_json(files.history, history.to_dict())
+    write_json(files.summary, summary)
+    write_plots(files, flow.cpu(), history.to_dict(), x_test, seed=data_config.seed)
+    return summary

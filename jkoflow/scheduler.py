@@ -61,7 +61,8 @@ class JKOHistory:
             ``val_nll``, ``test_nll``, ``n_batches``, ``seconds``.
         iterations: One record per optimisation step: ``stage``, ``block``,
             ``iter``, ``loss``, ``kl``, ``transport``, ``lr``, ``seconds``.
-        stopped_by: How the initial pass ended: ``"ter"`` or ``"max_blocks"``.
+        stopped_by: How the initial pass ended: ``"ter"``, ``"max_blocks"`` or
+            ``"budget"`` (``max_batches`` / ``max_seconds`` spent).
     """
 
     config: dict[str, Any]
@@ -187,10 +188,15 @@ def train_jko(
     trainer = _Trainer(flow, base, config, like, progress, callback, on_stage)
     trainer.initial_pass()
     for _ in range(config.reparam_iters):
-        if movement_spread([b["w2"] for b in trainer.history.blocks]) < config.reparam_tol:
+        if (
+            trainer.out_of_budget()
+            or movement_spread([b["w2"] for b in trainer.history.blocks]) < config.reparam_tol
+        ):
             break
         trainer.reparam_stage()
     for count in config.refine:
+        if trainer.out_of_budget():
+            break
         trainer.refine_stage(count)
     flow.eval()
     return flow, trainer.history
@@ -214,6 +220,13 @@ class _Trainer:
         self.progress, self.callback, self.on_stage = progress, callback, on_stage
         self.history = JKOHistory(config.to_dict())
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.batches, self.seconds = 0, 0.0  # spent on optimisation so far
+
+    def out_of_budget(self) -> bool:
+        config = self.config
+        return (config.max_batches > 0 and self.batches >= config.max_batches) or (
+            config.max_seconds > 0 and self.seconds >= config.max_seconds
+        )
 
     # -- stages -----------------------------------------------------------------
 
@@ -229,6 +242,9 @@ class _Trainer:
             stage["blocks"].append(record)
             if record["ter"] < self.config.ter_eps:
                 self.history.stopped_by = "ter"
+                break
+            if self.out_of_budget():
+                self.history.stopped_by = "budget"
                 break
         self._close_stage(stage)
 
@@ -274,8 +290,9 @@ class _Trainer:
     def _fit(
         self, block: Block, k: int, h: float, cached: dict[str, _Cached], iters: int
     ) -> tuple[dict[str, _Cached], dict[str, Any]]:
-        """Trains ``block`` (index k) for ``iters`` steps on samples of p_{k−1},
-        freezes it, pushes every set through it and measures its movement."""
+        """Trains ``block`` (index k) for ``iters`` steps (fewer once the budget is
+        spent) on samples of p_{k−1}, freezes it, pushes every set through it
+        and measures its movement."""
         start = time.perf_counter()
         block.requires_grad_(True)
         losses = self._optimize(block, k, h, cached["train"].x, iters)
@@ -291,10 +308,10 @@ class _Trainer:
                 "w2": float(step.sqrt()),
                 "ter": float(step / moved["val"].x.pow(2).sum(1).mean()),
                 "val_nll": moved["val"].nll(),
-                "n_batches": iters,
+                "n_batches": len(losses),
                 "seconds": time.perf_counter() - start,
-                "loss_first": losses[0],
-                "loss_last": losses[-1],
+                "loss_first": losses[0] if losses else None,
+                "loss_last": losses[-1] if losses else None,
             }
             if "test" in moved:
                 record["test_nll"] = moved["test"].nll()
@@ -320,6 +337,9 @@ class _Trainer:
             range(iters), desc=f"block {k + 1}", disable=not self.progress, leave=False, dynamic_ncols=True
         )
         for it in bar:
+            if self.out_of_budget():  # the block keeps the weights it has
+                break
+            tick = time.perf_counter()
             index = torch.randint(len(x), (config.batch_size,), generator=self.generator).to(x.device)
             terms = jko_loss(block, x[index], h, config.train_steps, config.transport)  # type: ignore[arg-type]
             loss = float(terms.loss.detach())
@@ -333,6 +353,8 @@ class _Trainer:
             terms.loss.backward()
             optimizer.step()
             schedule.step()
+            self.batches += 1
+            self.seconds += time.perf_counter() - tick
             record = {
                 "stage": stage,
                 "block": k,
@@ -400,5 +422,5 @@ def _new_block(k: int, dim: int, config: JKOConfig, previous: Block | None) -> B
 
 def _push(block: Block, cached: _Cached, steps: int, chunk_size: int) -> _Cached:
     """Samples of p_k from those of p_{k−1}: x ↦ T_k(x), logdet += ℓ_k(x)."""
-    z, logdet, _ = chunked(lambda part: integrate(block, part, steps), cached.x, chunk_size)
-    return _Cached(z, cached.logdet + logdet)
+    out = chunked(lambda part: integrate(block, part, steps), cached.x, chunk_size)
+    return _Cached(out.z, cached.logdet + out.logdet)

@@ -38,3 +38,32 @@ class ConstantBlock(blocks.Block):
 
     def config(self):
         return {"dim": self.dim}
+
+
+@blocks.register("test-quadratic-potential")
+class QuadraticPotential(blocks.PotentialBlock):
+    """Φ(x, t) = c‖x‖²/(2(1 + a·t)). With a = 0 it is static (v = −cx); with
+    c = −a it solves ∂tΦ − ½‖∇Φ‖² = 0 exactly."""
+
+    def __init__(self, dim: int, c: float = 1.0, a: float = 0.0):
+        super().__init__()
+        self.dim, self.c, self.a = dim, c, a
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def _scale(self, z, t):
+        t = blocks.time_column(t, z)[:, 0]
+        return self.c / (1.0 + self.a * t), t
+
+    def potential(self, z, t):
+        scale, _ = self._scale(z, t)
+        return 0.5 * scale * z.pow(2).sum(1)
+
+    def derivatives(self, z, t):
+        scale, _ = self._scale(z, t)
+        dscale = -self.a * scale**2 / self.c  # d/dt c/(1 + at)
+        return blocks.PotentialDerivatives(
+            scale[:, None] * z, 0.5 * dscale * z.pow(2).sum(1), scale * z.shape[1] + 0 * self.dummy
+        )
+
+    def config(self):
+        return {"dim": self.dim, "c": self.c, "a": self.a}

@@ -16,7 +16,7 @@ def test_linear_flow_matches_matrix_exponential():
     with torch.no_grad():
         block.B.copy_(0.4 * torch.randn(3, 3, dtype=torch.float64))
     x = torch.randn(20, 3, dtype=torch.float64)
-    z, logdet, kinetic = integrate(block, x, steps=32)
+    z, logdet, kinetic, _ = integrate(block, x, steps=32)
     expected = x @ torch.linalg.matrix_exp(block.B).T
     assert float((z - expected).abs().max()) < 1e-9
     assert torch.allclose(logdet, block.B.trace().expand(20), atol=1e-12)
@@ -44,7 +44,7 @@ def test_rk4_error_is_fourth_order(random_otflow):
 def test_backward_integration_inverts_forward(random_otflow):
     block = random_otflow()
     x = torch.randn(64, 2, dtype=torch.float64)
-    z, logdet, kinetic = integrate(block, x, steps=64)
+    z, logdet, kinetic, _ = integrate(block, x, steps=64)
     back = integrate(block, z, steps=64, t0=1.0, t1=0.0)
     assert float((back.z - x).abs().max()) < 1e-7
     assert torch.allclose(back.logdet, -logdet, atol=1e-8)
@@ -84,3 +84,34 @@ def test_jko_loss_rejects_unknown_transport():
 def test_integrate_rejects_bad_steps(steps):
     with pytest.raises(ValueError, match="steps"):
         integrate(ConstantBlock(2), torch.zeros(3, 2), steps)
+
+
+@torch.no_grad()
+def test_hjb_residual_of_a_static_quadratic():
+    """Φ = c‖x‖²/2: v = −cx, x(t) = x0 e^{−ct}, R = ∫½c²‖x‖² dt = c‖x0‖²(1 − e^{−2c})/4."""
+    from .analytic_blocks import QuadraticPotential
+
+    c = 0.7
+    x = torch.randn(16, 3, dtype=torch.float64)
+    out = integrate(QuadraticPotential(3, c=c), x, steps=64, hjb=True)
+    expected = c * x.pow(2).sum(1) * (1 - torch.exp(torch.tensor(-2 * c, dtype=torch.float64))) / 4
+    assert torch.allclose(out.hjb, expected, rtol=1e-8)
+    assert torch.allclose(out.z, x * torch.exp(torch.tensor(-c, dtype=torch.float64)), rtol=1e-8)
+    assert torch.allclose(out.logdet, torch.full((16,), -3 * c, dtype=torch.float64))
+
+
+@torch.no_grad()
+def test_hjb_residual_vanishes_on_an_exact_solution():
+    """Φ = c‖x‖²/(2(1 + at)): ∂tΦ = −ac‖x‖²/(2(1+at)²) equals ½‖∇Φ‖² = c²‖x‖²/(2(1+at)²) iff c = −a."""
+    from .analytic_blocks import QuadraticPotential
+
+    block = QuadraticPotential(2, c=-0.5, a=0.5)
+    x = torch.randn(10, 2, dtype=torch.float64)
+    out = integrate(block, x, steps=8, hjb=True)
+    assert float(out.hjb.abs().max()) < 1e-14
+    assert float(out.kinetic.min()) > 0
+
+
+def test_hjb_needs_a_potential_block():
+    with pytest.raises(ValueError, match="needs a potential block"):
+        integrate(ConstantBlock(2), torch.zeros(3, 2), 2, hjb=True)
