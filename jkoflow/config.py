@@ -190,6 +190,11 @@ class JKOConfig:
         except (TypeError, ValueError) as error:
             raise InputError(f"cannot build a {self.block!r} block: {error}") from None
 
+    @property
+    def retrain_iters(self) -> int:
+        """Adam steps per block in reparametrisation and refinement stages."""
+        return self.stage_iters or self.iters
+
     def step_size(self, k: int) -> float:
         """h_k = min(h0·ρ^k, h_max) for block k (0-based)."""
         return min(self.h0 * self.rho**k, self.h_max)

@@ -187,6 +187,8 @@ def train_jko(
 
     trainer = _Trainer(flow, base, config, like, progress, callback, on_stage)
     trainer.initial_pass()
+    if not trainer.history.blocks:  # the flow already had max_blocks blocks
+        return flow.eval(), trainer.history
     for _ in range(config.reparam_iters):
         if (
             trainer.out_of_budget()
@@ -261,9 +263,7 @@ class _Trainer:
         stage = self._open_stage(f"reparam {n}", "reparam")
         cached = self.base
         for block, h, old in zip(self.flow.blocks[self.first :], hs, last, strict=True):
-            cached, record = self._fit(
-                block, old["index"], h, cached, self.config.stage_iters or self.config.iters
-            )
+            cached, record = self._fit(block, old["index"], h, cached, self.config.retrain_iters)
             stage["blocks"].append(record)
         self._close_stage(stage)
 
@@ -279,8 +279,7 @@ class _Trainer:
                 piece = piece.to(self.like)
                 self.flow.append(piece)
                 k = len(self.flow) - 1
-                iters = self.config.stage_iters or self.config.iters
-                cached, record = self._fit(piece, k, old["h"] / count, cached, iters)
+                cached, record = self._fit(piece, k, old["h"] / count, cached, self.config.retrain_iters)
                 record.update(parent=parent, slice=j)
                 stage["blocks"].append(record)
         self._close_stage(stage)

@@ -202,3 +202,10 @@ def test_cli_stage_bad_input(tmp_path, capsys, extra, match):
     assert main(["train", *CLI_TINY, *extra, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err
+
+
+def test_a_full_flow_gets_no_new_blocks_or_stages(data):
+    flow, _ = train_jko(*data, config=JKOConfig(**{**TINY, "max_blocks": 1}))
+    config = JKOConfig(**{**TINY, "max_blocks": 1}, reparam_iters=2, refine=(2,))
+    same, history = train_jko(*data, config=config, flow=flow)
+    assert len(same) == 1 and [s["name"] for s in history.stages] == ["initial"] and history.blocks == []
