@@ -47,6 +47,8 @@ TRAIN_HELP = {
     "h_min": "smallest step size allowed by the reparametrisation",
     "refine": "refinement stages: split every block into C time slices (one C per stage)",
     "stage_iters": "Adam steps per block in reparametrisation/refinement stages (0: --iters)",
+    "max_batches": "stop training after this many mini-batches in all (0: no limit)",
+    "max_seconds": "stop training after this many seconds of optimisation (0: no limit)",
     "standardize": "standardise the data (NLL is still reported in data space)",
     "chunk_size": "rows per chunk when pushing and evaluating",
     "device": "torch device: cpu, cuda, cuda:N",
@@ -112,46 +114,25 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jkoflow", description="Block-wise JKO training of continuous normalizing flows.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="train a block-wise JKO flow")
-    train.add_argument("--data", help="toy name (" + ", ".join(datasets.TOY_NAMES) + ") or a .npy/.csv file")
-    train.add_argument("--out", required=True, help="run directory to create")
-    train.add_argument(
-        "--config", help="JSON file with 'data' and 'train' sections (e.g. a run's config.json)"
-    )
-    train.add_argument(
-        "--seed", type=int, default=None, help="seed of data, split, initialisation and batches"
-    )
-    _add_config_options(train, DataConfig, DATA_HELP)
+    train = _add_run_parser(sub, "train", "train a block-wise JKO flow", "data and train")
     _add_config_options(train, JKOConfig, TRAIN_HELP)
-    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     _add_common(train)
 
-    otflow = sub.add_parser("otflow", help="train the monolithic OT-Flow baseline")
-    otflow.add_argument("--data", help="toy name or a .npy/.csv file")
-    otflow.add_argument("--out", required=True, help="run directory to create")
-    otflow.add_argument("--config", help="JSON file with 'data' and 'otflow' sections")
-    otflow.add_argument(
-        "--seed", type=int, default=None, help="seed of data, split, initialisation and batches"
-    )
-    _add_config_options(otflow, DataConfig, DATA_HELP)
+    otflow = _add_run_parser(sub, "otflow", "train the monolithic OT-Flow baseline", "data and otflow")
     _add_config_options(otflow, OTFlowConfig, OTFLOW_HELP)
-    otflow.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     _add_common(otflow)
 
-    comp = sub.add_parser("compare", help="train jkoflow and OT-Flow on the same split; table and plots")
-    comp.add_argument("--data", help="toy name or a .npy/.csv file")
-    comp.add_argument("--out", required=True, help="directory for both runs and the comparison")
-    comp.add_argument("--config", help="JSON file with 'data', 'train' (jkoflow) and 'otflow' sections")
-    comp.add_argument(
-        "--seed", type=int, default=None, help="seed of data, split, initialisation and batches"
+    comp = _add_run_parser(
+        sub,
+        "compare",
+        "train jkoflow and OT-Flow on the same split; table and plots",
+        "data, train and otflow",
     )
-    _add_config_options(comp, DataConfig, DATA_HELP)
     comp.add_argument("--width", type=int, default=None, help="hidden width of both models (same capacity)")
     comp.add_argument("--budget-batches", type=int, default=None, help="the same mini-batch budget for both")
     comp.add_argument(
         "--budget-seconds", type=float, default=None, help="the same training-time budget for both"
     )
-    comp.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
     _add_common(comp)
 
     sample = sub.add_parser("sample", help="draw samples from a trained flow")
@@ -176,6 +157,21 @@ def _build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="redraw a run's plots")
     plot.add_argument("run", help="run directory")
     _add_common(plot)
+    return parser
+
+
+def _add_run_parser(sub: Any, name: str, help: str, sections: str) -> argparse.ArgumentParser:
+    """A verb that creates a run: --data, --out, --config, --seed, --overwrite
+    and the data options."""
+    parser = sub.add_parser(name, help=help)
+    parser.add_argument("--data", help="toy name (" + ", ".join(datasets.TOY_NAMES) + ") or a .npy/.csv file")
+    parser.add_argument("--out", required=True, help="directory to create")
+    parser.add_argument("--config", help=f"JSON file with {sections} sections (e.g. a run's config.json)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of data, split, initialisation and batches"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
+    _add_config_options(parser, DataConfig, DATA_HELP)
     return parser
 
 

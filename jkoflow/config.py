@@ -14,7 +14,7 @@ from blocks import Block
 
 from .errors import InputError
 
-__all__ = ["DataConfig", "JKOConfig", "check_positive", "config_from_dict", "resolve_dtype"]
+__all__ = ["DataConfig", "JKOConfig", "TrainingConfig", "check_positive", "config_from_dict", "resolve_dtype"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -64,12 +64,82 @@ class DataConfig:
         return dataclasses.asdict(self)
 
 
+def _check_count(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InputError(f"{name} must be a non-negative integer, got {value!r}")
+
+
 @dataclass(frozen=True)
-class JKOConfig:
+class TrainingConfig:
+    """Settings shared by the JKO trainer and the OT-Flow baseline.
+
+    ``block`` names a registered block type, built with
+    ``blocks.make(block, dim=d, width=width, depth=depth, **block_options)``;
+    ``iters`` Adam steps with mini-batches of ``batch_size`` and initial
+    learning rate ``lr``; ``train_steps`` RK4 steps per block in training and
+    ``eval_steps`` for evaluation and sampling; training stops after
+    ``max_seconds`` of optimisation (0: no limit).
+    """
+
+    block: str = "otflow"
+    width: int = 32
+    depth: int = 1
+    block_options: dict[str, Any] = field(default_factory=dict)
+    iters: int = 400
+    batch_size: int = 2048
+    lr: float = 0.05
+    train_steps: int = 4
+    eval_steps: int = 8
+    max_seconds: float = 0.0
+    standardize: bool = False
+    seed: int = 0
+    chunk_size: int = 16384
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        check_positive(self, ("lr",), float)
+        check_positive(
+            self, ("width", "depth", "iters", "batch_size", "train_steps", "eval_steps", "chunk_size"), int
+        )
+        _check_count(self, ("seed",))
+        if self.train_steps > self.eval_steps:
+            raise InputError(
+                f"train_steps ({self.train_steps}) must not exceed eval_steps ({self.eval_steps})"
+            )
+        if not (isinstance(self.max_seconds, (int, float)) and self.max_seconds >= 0):
+            raise InputError(f"max_seconds must be ≥ 0 (0: no limit), got {self.max_seconds!r}")
+        if not isinstance(self.block_options, dict):
+            raise InputError(f"block_options must be a dict, got {type(self.block_options).__name__}")
+        if self.block not in blocks.names():
+            raise InputError(
+                f"unknown block type {self.block!r}; registered types: {', '.join(blocks.names())}"
+            )
+        resolve_dtype(self.dtype)
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise InputError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {self.device!r}") from None
+
+    def make_block(self, dim: int) -> Block:
+        """A new block of the configured type for data of dimension ``dim``."""
+        try:
+            return blocks.make(self.block, dim=dim, width=self.width, depth=self.depth, **self.block_options)
+        except (TypeError, ValueError) as error:
+            raise InputError(f"cannot build a {self.block!r} block: {error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class JKOConfig(TrainingConfig):
     """Settings of the block-wise JKO trainer (DESIGN.md §2, §4).
 
-    Blocks: ``block`` names a registered block type, built with
-    ``blocks.make(block, dim=d, width=width, depth=depth, **block_options)``.
+    Shared settings (block, optimisation, integration steps, device) are
+    those of :class:`TrainingConfig`.
 
     Schedule: block k (k = 0, 1, …) uses h_k = min(h0·ρ^k, h_max); blocks are
     added until Ter(k) < ``ter_eps`` or ``max_blocks`` blocks exist.
@@ -98,22 +168,13 @@ class JKOConfig:
     then ends early, is pushed and recorded, and no further block or stage runs.
     """
 
-    block: str = "otflow"
-    width: int = 32
-    depth: int = 1
-    block_options: dict[str, Any] = field(default_factory=dict)
     h0: float = 5.0
     rho: float = 1.5
     h_max: float = 20.0
     max_blocks: int = 8
     ter_eps: float = 0.01
-    iters: int = 400
-    batch_size: int = 2048
-    lr: float = 0.05
     lr_final_factor: float = 0.02
     warm_start: bool = False
-    train_steps: int = 4
-    eval_steps: int = 8
     transport: str = "path"
     reparam_iters: int = 0
     reparam_tol: float = 0.15
@@ -122,73 +183,26 @@ class JKOConfig:
     refine: tuple[int, ...] = ()
     stage_iters: int = 0
     max_batches: int = 0
-    max_seconds: float = 0.0
-    standardize: bool = False
-    seed: int = 0
-    chunk_size: int = 16384
-    device: str = "cpu"
-    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if isinstance(self.refine, (list, tuple)):  # JSON gives lists
             object.__setattr__(self, "refine", tuple(self.refine))
-        check_positive(self, ("h0", "rho", "h_max", "ter_eps", "lr", "reparam_tol", "h_min"), float)
-        check_positive(
-            self,
-            (
-                "width",
-                "depth",
-                "max_blocks",
-                "iters",
-                "batch_size",
-                "train_steps",
-                "eval_steps",
-                "chunk_size",
-            ),
-            int,
-        )
+        super().__post_init__()
+        check_positive(self, ("h0", "rho", "h_max", "ter_eps", "reparam_tol", "h_min"), float)
+        check_positive(self, ("max_blocks",), int)
+        _check_count(self, ("reparam_iters", "stage_iters", "max_batches"))
         if not 0 <= self.lr_final_factor <= 1:
             raise InputError(f"lr_final_factor must be in [0, 1], got {self.lr_final_factor!r}")
         if self.h_min > self.h_max:
             raise InputError(f"h_min ({self.h_min}) must not exceed h_max ({self.h_max})")
         if not (isinstance(self.reparam_eta, (int, float)) and 0 < self.reparam_eta <= 1):
             raise InputError(f"reparam_eta must be in (0, 1], got {self.reparam_eta!r}")
-        if not (isinstance(self.max_seconds, (int, float)) and self.max_seconds >= 0):
-            raise InputError(f"max_seconds must be ≥ 0 (0: no limit), got {self.max_seconds!r}")
-        for name in ("reparam_iters", "stage_iters", "max_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InputError(f"{name} must be a non-negative integer, got {value!r}")
         if not isinstance(self.refine, tuple) or any(
             isinstance(c, bool) or not isinstance(c, int) or c < 2 for c in self.refine
         ):
             raise InputError(f"refine factors must be integers ≥ 2, got {self.refine!r}")
         if self.transport not in ("path", "endpoint"):
             raise InputError(f"transport must be 'path' or 'endpoint', got {self.transport!r}")
-        if self.train_steps > self.eval_steps:
-            raise InputError(
-                f"train_steps ({self.train_steps}) must not exceed eval_steps ({self.eval_steps})"
-            )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if not isinstance(self.block_options, dict):
-            raise InputError(f"block_options must be a dict, got {type(self.block_options).__name__}")
-        if self.block not in blocks.names():
-            raise InputError(
-                f"unknown block type {self.block!r}; registered types: {', '.join(blocks.names())}"
-            )
-        resolve_dtype(self.dtype)
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            raise InputError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {self.device!r}") from None
-
-    def make_block(self, dim: int) -> Block:
-        """A new block of the configured type for data of dimension ``dim``."""
-        try:
-            return blocks.make(self.block, dim=dim, width=self.width, depth=self.depth, **self.block_options)
-        except (TypeError, ValueError) as error:
-            raise InputError(f"cannot build a {self.block!r} block: {error}") from None
 
     @property
     def retrain_iters(self) -> int:
@@ -198,9 +212,6 @@ class JKOConfig:
     def step_size(self, k: int) -> float:
         """h_k = min(h0·ρ^k, h_max) for block k (0-based)."""
         return min(self.h0 * self.rho**k, self.h_max)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def config_from_dict(cls: type, data: dict[str, Any]):

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 import blocks
 
-from .config import check_positive, resolve_dtype
+from .config import TrainingConfig, check_positive, resolve_dtype
 from .errors import InputError
 from .flow import Flow, as_data_tensor
 from .metrics import nll as flow_nll
@@ -47,79 +47,40 @@ OTFLOW_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
-class OTFlowConfig:
+class OTFlowConfig(TrainingConfig):
     """Settings of the monolithic OT-Flow trainer.
 
-    ``iters`` Adam steps (and at most ``max_seconds`` of training when > 0) on
-    mini-batches of ``batch_size``; every ``val_every`` steps the validation
-    NLL is computed at ``eval_steps`` RK4 steps, the best weights are kept, and
-    after ``patience`` checks without improvement the lr is multiplied by
-    ``lr_drop`` (at most ``max_drops`` times).
+    Shared settings (block, optimisation, integration steps, device) are those
+    of :class:`~jkoflow.config.TrainingConfig`. The loss weights are
+    ``alpha_c`` (NLL) and ``alpha_r`` (HJB residual, potential blocks only).
+    Every ``val_every`` steps the validation NLL is computed at ``eval_steps``
+    RK4 steps and the best weights are kept; after ``patience`` checks
+    without improvement the lr is multiplied by ``lr_drop`` (at most
+    ``max_drops`` times, then training stops).
     """
 
-    block: str = "otflow"
-    width: int = 32
-    depth: int = 1
-    block_options: dict[str, Any] = field(default_factory=dict)
+    iters: int = 3000
+    train_steps: int = 8
+    eval_steps: int = 16
     alpha_c: float = 10.0
     alpha_r: float = 1.0
-    iters: int = 3000
-    max_seconds: float = 0.0
-    batch_size: int = 2048
-    lr: float = 0.05
     lr_drop: float = 0.5
     patience: int = 4
     max_drops: int = 4
     val_every: int = 50
-    train_steps: int = 8
-    eval_steps: int = 16
-    standardize: bool = False
-    seed: int = 0
-    chunk_size: int = 16384
-    device: str = "cpu"
-    dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        check_positive(self, ("alpha_c", "lr"), float)
-        check_positive(
-            self,
-            (
-                "width",
-                "depth",
-                "iters",
-                "batch_size",
-                "patience",
-                "val_every",
-                "train_steps",
-                "eval_steps",
-                "chunk_size",
-            ),
-            int,
-        )
+        super().__post_init__()
+        check_positive(self, ("alpha_c",), float)
+        check_positive(self, ("patience", "val_every"), int)
         if not (isinstance(self.alpha_r, (int, float)) and self.alpha_r >= 0):
             raise InputError(f"alpha_r must be a non-negative number, got {self.alpha_r!r}")
-        if not (isinstance(self.max_seconds, (int, float)) and self.max_seconds >= 0):
-            raise InputError(f"max_seconds must be ≥ 0 (0: no limit), got {self.max_seconds!r}")
         if not 0 < self.lr_drop < 1:
             raise InputError(f"lr_drop must be in (0, 1), got {self.lr_drop!r}")
         if isinstance(self.max_drops, bool) or not isinstance(self.max_drops, int) or self.max_drops < 0:
             raise InputError(f"max_drops must be a non-negative integer, got {self.max_drops!r}")
-        if self.train_steps > self.eval_steps:
-            raise InputError(
-                f"train_steps ({self.train_steps}) must not exceed eval_steps ({self.eval_steps})"
-            )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.block not in blocks.names():
-            raise InputError(
-                f"unknown block type {self.block!r}; registered types: {', '.join(blocks.names())}"
-            )
         if self.alpha_r > 0 and not issubclass(blocks.get(self.block), blocks.PotentialBlock):
             raise InputError(f"alpha_r > 0 needs a potential block (∂tΦ); {self.block!r} is not one")
-        resolve_dtype(self.dtype)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -191,12 +152,7 @@ def train_otflow(
             raise InputError("cannot standardise: a column of the training data is constant")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        try:
-            block = blocks.make(
-                config.block, dim=dim, width=config.width, depth=config.depth, **config.block_options
-            )
-        except (TypeError, ValueError) as error:
-            raise InputError(f"cannot build a {config.block!r} block: {error}") from None
+        block = config.make_block(dim)
     flow = Flow(dim, [block], steps=config.eval_steps, shift=shift, scale=scale).to(like)
     x_train = flow.standardize(x_train)[0]
     log_scale = float(flow.scale.log().sum())
