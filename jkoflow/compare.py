@@ -23,7 +23,7 @@ from .otflow import OTFlowConfig
 from .plots import plot_comparison
 from .run import RunFiles, load_data, read_json, run_jko, run_otflow
 
-__all__ = ["COLUMNS", "compare", "time_to_reach"]
+__all__ = ["COLUMNS", "compare", "time_to_reach", "write_comparison"]
 
 COLUMNS = (
     "method",
@@ -75,31 +75,36 @@ def compare(
     threads: int = 1,
     overwrite: bool = False,
     progress: bool = True,
-    n_metric: int = 2000,
 ) -> list[dict[str, Any]]:
-    """Trains both methods on the split of ``data_config`` and writes the
-    comparison; returns the table rows (one dict per method, keys ``COLUMNS``).
-
-    MMD² uses one Gaussian bandwidth for both methods (the median heuristic on
-    the test data, stated in compare.md); W2 is exact (``ot.emd2``) between
-    ``n_metric`` model samples and ``n_metric`` test points.
-    """
+    """Trains both methods on the split of ``data_config`` into ``out/jko`` and
+    ``out/otflow``, then writes the comparison (:func:`write_comparison`)."""
     root = Path(out)
     if (root / "compare.md").exists() and not overwrite:
         raise InputError(
             f"{root} already holds a comparison; pass --overwrite to replace it or choose another --out"
         )
     splits = load_data(data_config)
-    x_test = splits[2]
-    summaries = {
-        "jkoflow": run_jko(root / "jko", data_config, jko_config, splits, threads, overwrite, progress),
-        "OT-Flow": run_otflow(
-            root / "otflow", data_config, otflow_config, splits, threads, overwrite, progress
-        ),
-    }
-    runs = {"jkoflow": RunFiles(root / "jko"), "OT-Flow": RunFiles(root / "otflow")}
-    n = min(n_metric, len(x_test))
-    bandwidth = mmd2(x_test[:n], x_test[n : 2 * n] if len(x_test) >= 2 * n else x_test[:n]).bandwidth
+    run_jko(root / "jko", data_config, jko_config, splits, threads, overwrite, progress)
+    run_otflow(root / "otflow", data_config, otflow_config, splits, threads, overwrite, progress)
+    return write_comparison(root)
+
+
+def write_comparison(out: str | os.PathLike, n_metric: int = 2000) -> list[dict[str, Any]]:
+    """Reads the finished runs ``out/jko`` and ``out/otflow`` and writes
+    ``compare.csv``, ``compare.md`` and ``compare.png``; returns the table rows
+    (one dict per method, keys ``COLUMNS``).
+
+    MMD² uses one Gaussian bandwidth for both methods (the median heuristic on
+    the test data, stated in compare.md); W2 is exact (``ot.emd2``) between
+    ``n_metric`` model samples and ``n_metric`` test points.
+    """
+    root = Path(out)
+    runs = {"jkoflow": RunFiles(root / "jko").require(), "OT-Flow": RunFiles(root / "otflow").require()}
+    data_config = runs["jkoflow"].data_config()
+    x_test = load_data(data_config)[2]
+    summaries = {name: read_json(files.summary) for name, files in runs.items()}
+    n = min(n_metric, len(x_test) // 2)
+    bandwidth = mmd2(x_test[:n], x_test[n : 2 * n]).bandwidth
     rows, samples = [], {}
     for name, files in runs.items():
         flow = files.load_flow()
@@ -178,5 +183,15 @@ def _markdown(
         lines.append(
             f"jkoflow reached test NLL ≤ {target:.4f} after {reached:.0f} s of training: "
             f"{ratio:.2f} × OT-Flow's time to its best checkpoint."
+        )
+    jko_val = curves["jkoflow"]["nll"][-1]
+    caught = time_to_reach(curves["OT-Flow"], jko_val)
+    jko_seconds = curves["jkoflow"]["seconds"][-1]
+    if caught is None:
+        lines.append(f"OT-Flow's validation NLL never reached jkoflow's final {jko_val:.4f}.")
+    else:
+        lines.append(
+            f"OT-Flow's validation NLL first reached jkoflow's final {jko_val:.4f} after {caught:.0f} s "
+            f"(jkoflow: {jko_seconds:.0f} s, ratio {caught / jko_seconds:.1f})."
         )
     return "\n".join(lines) + "\n"
