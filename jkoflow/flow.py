@@ -147,6 +147,13 @@ class Flow(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """JSON-able architecture: dimension, steps and each block's type and config."""
+        for block in self.blocks:
+            name = type(block).name
+            if name not in block_registry.names() or block_registry.get(name) is not type(block):
+                raise InputError(
+                    f"block type {type(block).__name__} is not registered; "
+                    "register it with @blocks.register(name) to save or describe the flow"
+                )
         return {
             "dim": self.dim,
             "steps": self.steps,

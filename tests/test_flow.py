@@ -126,3 +126,15 @@ def test_bad_inputs_give_clear_errors(flow):
         flow.sample(0)
     with pytest.raises(InputError, match="steps"):
         Flow(2, steps=0)
+
+
+def test_saving_an_unregistered_block_type_is_refused(tmp_path):
+    from .analytic_blocks import LinearBlock
+
+    class Unregistered(LinearBlock):  # inherits the name "test-linear" but is another class
+        pass
+
+    flow = Flow(2, [Unregistered(2)])
+    with pytest.raises(InputError, match="Unregistered is not registered"):
+        flow.save(tmp_path / "f.pt")
+    assert not (tmp_path / "f.pt").exists()
