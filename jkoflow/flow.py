@@ -92,6 +92,18 @@ class Flow(nn.Module):
         for block in blocks:
             self.append(block)
 
+    @classmethod
+    def for_data(cls, x: Tensor, steps: int, standardize: bool = False) -> Flow:
+        """An empty flow for data ``x`` (n, d), on its dtype and device; with
+        ``standardize`` its fixed map is (x − mean)/std of ``x``."""
+        if not standardize:
+            return cls(x.shape[1], steps=steps).to(x)
+        scale = x.std(0)
+        if (scale <= 0).any():
+            column = int((scale <= 0).nonzero()[0])
+            raise InputError(f"cannot standardise: column {column} of the training data is constant")
+        return cls(x.shape[1], steps=steps, shift=x.mean(0), scale=scale).to(x)
+
     def append(self, block: Block) -> None:
         """Adds a block at the end (the latent side) of the flow."""
         if not isinstance(block, Block):

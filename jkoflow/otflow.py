@@ -145,15 +145,11 @@ def train_otflow(
             f"the training set has {len(x_train)} rows but batch_size is {config.batch_size}; "
             "lower the batch size or give more data"
         )
-    shift = scale = None
-    if config.standardize:
-        shift, scale = x_train.mean(0), x_train.std(0)
-        if (scale <= 0).any():
-            raise InputError("cannot standardise: a column of the training data is constant")
+    flow = Flow.for_data(x_train, config.eval_steps, config.standardize)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         block = config.make_block(dim)
-    flow = Flow(dim, [block], steps=config.eval_steps, shift=shift, scale=scale).to(like)
+    flow.append(block.to(like))
     x_train = flow.standardize(x_train)[0]
     log_scale = float(flow.scale.log().sum())
 

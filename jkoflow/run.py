@@ -252,6 +252,22 @@ def _start_run(
     return files
 
 
+def _finish_run(
+    files: RunFiles,
+    flow: Flow,
+    history: dict[str, Any],
+    summary: dict[str, Any],
+    x_test: np.ndarray,
+    seed: int,
+) -> dict[str, Any]:
+    """Writes the flow, history, summary and plots of a finished run; returns the summary."""
+    flow.save(files.flow)
+    write_json(files.history, history)
+    write_json(files.summary, summary)
+    write_plots(files, flow.cpu(), history, x_test, seed=seed)
+    return summary
+
+
 def run_jko(
     out: str | os.PathLike,
     data_config: DataConfig,
@@ -276,11 +292,7 @@ def run_jko(
             x_train, x_val, x_test, config=config, progress=progress, callback=log, on_stage=save_stage
         )
     summary = summarize(flow, history, x_test, time.perf_counter() - start)
-    flow.save(files.flow)
-    write_json(files.history, history.to_dict())
-    write_json(files.summary, summary)
-    write_plots(files, flow.cpu(), history.to_dict(), x_test, seed=data_config.seed)
-    return summary
+    return _finish_run(files, flow, history.to_dict(), summary, x_test, data_config.seed)
 
 
 def run_otflow(
@@ -313,8 +325,4 @@ def run_otflow(
         "inversion_error_rows": n_inv,
         "n_parameters": parameter_count(flow),
     }
-    flow.save(files.flow)
-    write_json(files.history, history.to_dict())
-    write_json(files.summary, summary)
-    write_plots(files, flow.cpu(), history.to_dict(), x_test, seed=data_config.seed)
-    return summary
+    return _finish_run(files, flow, history.to_dict(), summary, x_test, data_config.seed)

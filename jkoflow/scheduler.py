@@ -177,7 +177,7 @@ def train_jko(
             "lower the batch size or give more data"
         )
     if flow is None:
-        flow = _new_flow(x_train, config)
+        flow = Flow.for_data(x_train, config.eval_steps, config.standardize)
     flow = flow.to(device=like.device, dtype=like.dtype)
     with torch.no_grad():
         sets = {"train": x_train, "val": x_val}
@@ -395,17 +395,6 @@ class _Trainer:
             tqdm.write(f"[{stage['name']}] {len(records)} blocks, W spread {stage['spread']:.3f}{nll}")
         if self.on_stage is not None:
             self.on_stage(self.history, self.flow)
-
-
-def _new_flow(x_train: Tensor, config: JKOConfig) -> Flow:
-    dim = x_train.shape[1]
-    if not config.standardize:
-        return Flow(dim, steps=config.eval_steps)
-    scale = x_train.std(0)
-    if (scale <= 0).any():
-        column = int((scale <= 0).nonzero()[0])
-        raise InputError(f"cannot standardise: column {column} of the training data is constant")
-    return Flow(dim, steps=config.eval_steps, shift=x_train.mean(0), scale=scale)
 
 
 def _new_block(k: int, dim: int, config: JKOConfig, previous: Block | None) -> Block:
