@@ -8,6 +8,7 @@ Example:
 """
 
 from .base import Block, PotentialBlock, PotentialDerivatives, time_column
+from .divergence import divergence_exact, divergence_hutchinson
 from .otflow import OTFlowBlock, logcosh
 from .registry import get, make, names, register
 from .timeslice import TimeSlice, time_slices
@@ -18,6 +19,8 @@ __all__ = [
     "PotentialBlock",
     "PotentialDerivatives",
     "TimeSlice",
+    "divergence_exact",
+    "divergence_hutchinson",
     "get",
     "logcosh",
     "make",
