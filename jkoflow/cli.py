@@ -1,6 +1,7 @@
 """The ``jkoflow`` command line: the only place that parses arguments.
 
-Exit status: 0 success, 2 bad input (one line on stderr), 1 other failure.
+Exit status: 0 success, 2 bad input (one line on stderr), 1 failed training,
+130 interrupted (Ctrl-C; a train run can be resumed with --resume).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from . import datasets
 from .compare import compare
 from .config import DataConfig, JKOConfig, config_from_dict
-from .errors import InputError
+from .errors import InputError, TrainingError
 from .metrics import inversion_error, nll
 from .otflow import OTFLOW_PRESETS, OTFlowConfig
 from .run import RunFiles, load_data, read_json, run_jko, run_otflow, write_json, write_plots
@@ -49,6 +50,9 @@ TRAIN_HELP = {
     "stage_iters": "Adam steps per block in reparametrisation/refinement stages (0: --iters)",
     "max_batches": "stop training after this many mini-batches in all (0: no limit)",
     "max_seconds": "stop training after this many seconds of optimisation (0: no limit)",
+    "checkpoint_every": "Adam steps between checkpoints inside a block (0: at block ends only)",
+    "nan_retries": "retries of a block after a non-finite loss or gradient",
+    "nan_lr_factor": "factor on the lr at each such retry",
     "standardize": "standardise the data (NLL is still reported in data space)",
     "chunk_size": "rows per chunk when pushing and evaluating",
     "device": "torch device: cpu, cuda, cuda:N",
@@ -114,7 +118,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jkoflow", description="Block-wise JKO training of continuous normalizing flows.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = _add_run_parser(sub, "train", "train a block-wise JKO flow", "data and train")
+    train = _add_run_parser(sub, "train", "train a block-wise JKO flow", "data and train", resumable=True)
     _add_config_options(train, JKOConfig, TRAIN_HELP)
     _add_common(train)
 
@@ -160,12 +164,24 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_run_parser(sub: Any, name: str, help: str, sections: str) -> argparse.ArgumentParser:
+def _add_run_parser(
+    sub: Any, name: str, help: str, sections: str, resumable: bool = False
+) -> argparse.ArgumentParser:
     """A verb that creates a run: --data, --out, --config, --seed, --overwrite
-    and the data options."""
+    and the data options; with ``resumable`` also --resume DIR instead of --out."""
     parser = sub.add_parser(name, help=help)
     parser.add_argument("--data", help="toy name (" + ", ".join(datasets.TOY_NAMES) + ") or a .npy/.csv file")
-    parser.add_argument("--out", required=True, help="directory to create")
+    if resumable:
+        where = parser.add_mutually_exclusive_group(required=True)
+        where.add_argument("--out", help="directory to create")
+        where.add_argument(
+            "--resume",
+            metavar="DIR",
+            help="continue the run in DIR from its last checkpoint (options: only budgets, "
+            "checkpointing, --lr, --chunk-size; a larger --max-blocks adds blocks to a finished run)",
+        )
+    else:
+        parser.add_argument("--out", required=True, help="directory to create")
     parser.add_argument("--config", help=f"JSON file with {sections} sections (e.g. a run's config.json)")
     parser.add_argument(
         "--seed", type=int, default=None, help="seed of data, split, initialisation and batches"
@@ -220,17 +236,48 @@ def _config(cls: type, section: dict[str, Any], given: dict[str, Any], preset: d
 
 
 def _train(args: argparse.Namespace) -> None:
-    sections, given = _sections(args)
-    data_config = _config(DataConfig, sections["data"], given)
-    config = _config(JKOConfig, sections["train"], given)
-    summary = run_jko(
-        args.out, data_config, config, load_data(data_config), args.threads, args.overwrite, not args.quiet
-    )
+    if args.resume is not None:
+        data_config, config = _resumed_configs(args)
+        args.out = args.resume
+    else:
+        sections, given = _sections(args)
+        data_config = _config(DataConfig, sections["data"], given)
+        config = _config(JKOConfig, sections["train"], given)
+    try:
+        summary = run_jko(
+            args.out,
+            data_config,
+            config,
+            load_data(data_config),
+            args.threads,
+            args.overwrite,
+            not args.quiet,
+            resume=args.resume is not None,
+        )
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"the trainer's state is saved; continue with: jkoflow train --resume {args.out}"
+        ) from None
     print(
         f"{args.out}: {summary['n_blocks']} blocks ({summary['stopped_by']}), "
         f"test NLL {summary['test_nll']:.4f} nats ({summary['eval_steps']} RK4 steps/block), "
         f"inversion error {summary['inversion_error']:.2e}, {summary['train_seconds']:.0f} s"
     )
+
+
+def _resumed_configs(args: argparse.Namespace) -> tuple[DataConfig, JKOConfig]:
+    """The data and train configs of the run in ``args.resume``, with the
+    options given on the command line."""
+    fixed = [f"--{k.replace('_', '-')}" for k in ("data", "config", "seed", *DATA_HELP) if getattr(args, k)]
+    if args.overwrite:
+        fixed.append("--overwrite")
+    if fixed:
+        raise InputError(f"{', '.join(fixed)} cannot be used with --resume (the run keeps its data and seed)")
+    saved = read_json(RunFiles(args.resume).config)
+    if not isinstance(saved, dict) or saved.get("method") != "jko" or "train" not in saved:
+        raise InputError(f"{args.resume} does not hold a jkoflow train run")
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    return config_from_dict(DataConfig, saved["data"]), _config(JKOConfig, saved["train"], given)
 
 
 def _otflow(args: argparse.Namespace) -> None:
@@ -351,8 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as error:
         print(f"jkoflow: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("jkoflow: interrupted", file=sys.stderr)
+    except TrainingError as error:
+        print(f"jkoflow: training failed: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as interrupt:
+        print("jkoflow: interrupted" + (f"; {interrupt}" if str(interrupt) else ""), file=sys.stderr)
         return 130
     return 0
 

@@ -14,7 +14,16 @@ from blocks import Block
 
 from .errors import InputError
 
-__all__ = ["DataConfig", "JKOConfig", "TrainingConfig", "check_positive", "config_from_dict", "resolve_dtype"]
+__all__ = [
+    "RESUMABLE",
+    "DataConfig",
+    "JKOConfig",
+    "TrainingConfig",
+    "check_positive",
+    "config_from_dict",
+    "resolve_dtype",
+    "resume_config",
+]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -166,6 +175,15 @@ class JKOConfig(TrainingConfig):
     Budget: training stops once ``max_batches`` mini-batches or
     ``max_seconds`` of training (0: no limit) are spent; the block in training
     then ends early, is pushed and recorded, and no further block or stage runs.
+
+    Reliability: with a checkpoint file, the trainer's state is written at the
+    end of every block and every ``checkpoint_every`` Adam steps inside a block
+    (0: block ends only). A non-finite loss or gradient rolls the block back to
+    its last good state (block start or last checkpoint step), multiplies its
+    learning rate by ``nan_lr_factor`` and retries, at most ``nan_retries``
+    times per block.
+
+    Options that can change when a run is resumed: :data:`RESUMABLE`.
     """
 
     h0: float = 5.0
@@ -183,6 +201,9 @@ class JKOConfig(TrainingConfig):
     refine: tuple[int, ...] = ()
     stage_iters: int = 0
     max_batches: int = 0
+    checkpoint_every: int = 100
+    nan_retries: int = 3
+    nan_lr_factor: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.refine, (list, tuple)):  # JSON gives lists
@@ -190,7 +211,9 @@ class JKOConfig(TrainingConfig):
         super().__post_init__()
         check_positive(self, ("h0", "rho", "h_max", "ter_eps", "reparam_tol", "h_min"), float)
         check_positive(self, ("max_blocks",), int)
-        _check_count(self, ("reparam_iters", "stage_iters", "max_batches"))
+        _check_count(self, ("reparam_iters", "stage_iters", "max_batches", "checkpoint_every", "nan_retries"))
+        if not (isinstance(self.nan_lr_factor, (int, float)) and 0 < self.nan_lr_factor < 1):
+            raise InputError(f"nan_lr_factor must be in (0, 1), got {self.nan_lr_factor!r}")
         if not 0 <= self.lr_final_factor <= 1:
             raise InputError(f"lr_final_factor must be in [0, 1], got {self.lr_final_factor!r}")
         if self.h_min > self.h_max:
@@ -212,6 +235,36 @@ class JKOConfig(TrainingConfig):
     def step_size(self, k: int) -> float:
         """h_k = min(h0·ρ^k, h_max) for block k (0-based)."""
         return min(self.h0 * self.rho**k, self.h_max)
+
+
+RESUMABLE = (
+    "max_blocks",
+    "max_batches",
+    "max_seconds",
+    "checkpoint_every",
+    "nan_retries",
+    "nan_lr_factor",
+    "lr",
+    "chunk_size",
+)
+"""JKOConfig fields a resumed run may change: budgets, checkpointing, fault
+handling, the learning rate (e.g. after a run stopped on non-finite losses) and
+``max_blocks`` (to add blocks to a finished flow)."""
+
+
+def resume_config(saved: JKOConfig, given: JKOConfig) -> JKOConfig:
+    """``given`` if it differs from the config of a checkpoint (``saved``) only in
+    :data:`RESUMABLE` fields; InputError otherwise."""
+    changed = [
+        f.name for f in dataclasses.fields(JKOConfig) if getattr(saved, f.name) != getattr(given, f.name)
+    ]
+    fixed = [name for name in changed if name not in RESUMABLE]
+    if fixed:
+        raise InputError(
+            f"cannot change {', '.join(fixed)} when resuming (they shaped the saved blocks); "
+            f"only {', '.join(RESUMABLE)} may change"
+        )
+    return given
 
 
 def config_from_dict(cls: type, data: dict[str, Any]):

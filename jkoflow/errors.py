@@ -1,8 +1,8 @@
-"""The exception raised for bad user input."""
+"""The exceptions jkoflow raises for bad user input and for failed training."""
 
 from __future__ import annotations
 
-__all__ = ["InputError"]
+__all__ = ["InputError", "TrainingError"]
 
 
 class InputError(ValueError):
@@ -11,3 +11,16 @@ class InputError(ValueError):
     The message is one line that says what was wrong and what is expected; the
     command line prints it and exits with status 2.
     """
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on, e.g. the loss stayed non-finite after every retry.
+
+    Attributes:
+        block_index: Index of the block whose training failed; the blocks
+            before it are finished.
+    """
+
+    def __init__(self, message: str, block_index: int):
+        super().__init__(message)
+        self.block_index = block_index

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from blocks import Block
 from .errors import InputError
 from .objectives import gaussian_log_prob
 from .ode import integrate
+from .serialization import read_payload, write_payload
 
 __all__ = ["Flow", "as_data_tensor", "chunked"]
 
@@ -172,48 +172,40 @@ class Flow(nn.Module):
             "blocks": [{"type": type(b).name, "config": b.config()} for b in self.blocks],
         }
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes weights and a JSON config atomically (temporary file, then rename)."""
-        path = Path(path)
-        payload = {
+    def to_payload(self) -> dict[str, Any]:
+        """Weights (on the CPU) and the JSON config: what :meth:`save` writes."""
+        return {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "config": json.dumps(self.config()),
             "state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Flow:
-        """Reads a flow written by :meth:`save`. Never unpickles code: the file is
-        read with ``torch.load(weights_only=True)``; block types are looked up in
+    def from_payload(cls, payload: dict[str, Any], where: str | os.PathLike = "checkpoint") -> Flow:
+        """Rebuilds a flow from :meth:`to_payload`; block types are looked up in
         the :mod:`blocks` registry."""
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"flow checkpoint not found: {path}")
-        try:
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as error:  # torch raises many types for bad files
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise InputError(f"cannot read flow checkpoint {path}: {reason}") from None
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise InputError(f"{path} is not a jkoflow flow checkpoint")
-        if payload.get("version") != FORMAT_VERSION:
-            raise InputError(
-                f"{path} has flow format version {payload.get('version')}; "
-                f"this jkoflow reads version {FORMAT_VERSION}"
-            )
         config = json.loads(payload["config"])
         made = []
         for spec in config["blocks"]:
             try:
                 made.append(block_registry.make(spec["type"], **spec["config"]))
             except ValueError as error:
-                raise InputError(f"cannot rebuild {path}: {error}") from None
+                raise InputError(f"cannot rebuild the flow in {where}: {error}") from None
         state = payload["state"]
         flow = cls(config["dim"], made, steps=config["steps"])
         flow = flow.to(dtype=state["shift"].dtype, device=state["shift"].device)
         flow.load_state_dict(state)
         return flow
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes weights and a JSON config atomically (temporary file, then rename)."""
+        write_payload(self.to_payload(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Flow:
+        """Reads a flow written by :meth:`save`. Never unpickles code: the file is
+        read with ``torch.load(weights_only=True)``; block types are looked up in
+        the :mod:`blocks` registry."""
+        payload = read_payload(path, FORMAT, FORMAT_VERSION, "flow checkpoint", map_location)
+        return cls.from_payload(payload, path)

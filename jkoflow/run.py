@@ -4,6 +4,8 @@ commands read it back.
     config.json     data and trainer configs, library versions, threads
     flow.pt         the final flow (weights + JSON config, no pickled code)
     flow-*.pt       the flow after each stage (flow-initial.pt, flow-reparam-1.pt, …)
+    trainer.pt      the JKO trainer's state, for --resume (jkoflow.checkpoint)
+    flow-partial.pt the finished blocks, when training stopped on non-finite losses
     history.json    per-block records and every iteration
     log.csv         per-iteration log (OT-Flow: per validation), written while training
     summary.json    test NLL, blocks, batches, seconds, per-block figures
@@ -25,8 +27,9 @@ import numpy as np
 import torch
 
 from . import datasets
+from .checkpoint import load_state
 from .config import DataConfig, JKOConfig, config_from_dict
-from .errors import InputError
+from .errors import InputError, TrainingError
 from .flow import Flow
 from .metrics import inversion_error, nll, parameter_count
 from .otflow import OTFlowConfig, train_otflow
@@ -63,6 +66,8 @@ class RunFiles:
         self.h_plot = self.root / "h_per_block.png"
         self.val_plot = self.root / "val_nll.png"
         self.samples_plot = self.root / "samples.png"
+        self.trainer = self.root / "trainer.pt"
+        self.partial_flow = self.root / "flow-partial.pt"
 
     def require(self) -> RunFiles:
         """Checks that this is a finished run directory."""
@@ -93,7 +98,8 @@ def prepare_run_dir(path: str | os.PathLike, overwrite: bool = False) -> RunFile
     if files.config.exists():
         if not overwrite:
             raise InputError(
-                f"{files.root} already holds a run; pass --overwrite to replace it or choose another --out"
+                f"{files.root} already holds a run; pass --overwrite to replace it, "
+                "--resume to continue it, or choose another --out"
             )
         shutil.rmtree(files.root)
     files.root.mkdir(parents=True, exist_ok=True)
@@ -148,10 +154,12 @@ class IterationLog:
     JKO_FIELDS = ("stage", "block", "iter", "loss", "kl", "transport", "lr", "seconds")
     OTFLOW_FIELDS = ("iter", "n_batches", "seconds", "val_nll", "lr")
 
-    def __init__(self, path: str | os.PathLike, fields: tuple[str, ...]):
+    def __init__(self, path: str | os.PathLike, fields: tuple[str, ...], records: list[dict[str, Any]] = ()):
+        """Starts the file with a header and ``records`` (e.g. those of a resumed run)."""
         self._file = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
         self._writer = csv.DictWriter(self._file, fields, extrasaction="ignore")
         self._writer.writeheader()
+        self._writer.writerows(records)
         self._lines = 0
 
     def __call__(self, record: dict[str, Any]) -> None:
@@ -245,8 +253,18 @@ def _start_run(
     section: str,
     config: Any,
     threads: int,
+    resume: bool = False,
 ) -> RunFiles:
-    files = prepare_run_dir(out, overwrite)
+    """Creates the run directory (or, with ``resume``, checks it holds a run to
+    continue) and writes config.json."""
+    if resume:
+        files = RunFiles(out)
+        if not files.trainer.is_file():
+            raise InputError(f"nothing to resume in {files.root}: {files.trainer.name} not found")
+        if files.data_config() != data_config:
+            raise InputError(f"cannot change the data when resuming {files.root}")
+    else:
+        files = prepare_run_dir(out, overwrite)
     record = {"method": method, "data": data_config.to_dict(), section: config.to_dict()}
     write_json(files.config, {**record, "threads": threads, "versions": versions()})
     return files
@@ -276,21 +294,50 @@ def run_jko(
     threads: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Trains a JKO flow and writes its run directory; returns the summary."""
+    """Trains a JKO flow and writes its run directory; returns the summary.
+
+    The trainer's state is kept in ``trainer.pt``. With ``resume``, training
+    continues from it (``config`` may differ from the run's only in
+    :data:`~jkoflow.config.RESUMABLE` options; a finished run with a larger
+    ``max_blocks`` gets more blocks). If a block's loss stays non-finite, the
+    finished blocks are written to ``flow-partial.pt`` and TrainingError is
+    raised.
+    """
     x_train, x_val, x_test = splits
     config.make_block(x_train.shape[1])  # fail on a bad block before creating the run
-    files = _start_run(out, overwrite, "jko", data_config, "train", config, threads)
+    files = _start_run(out, overwrite, "jko", data_config, "train", config, threads, resume)
+    done = load_state(files.trainer).history["iterations"] if resume else []
 
     def save_stage(history: JKOHistory, flow: Flow) -> None:  # a checkpoint after every stage
         flow.save(stage_checkpoint(files, history.stages[-1]))
         write_json(files.history, history.to_dict())
 
     start = time.perf_counter()
-    with IterationLog(files.log, IterationLog.JKO_FIELDS) as log:
-        flow, history = train_jko(
-            x_train, x_val, x_test, config=config, progress=progress, callback=log, on_stage=save_stage
-        )
+    with IterationLog(files.log, IterationLog.JKO_FIELDS, done) as log:
+        try:
+            flow, history = train_jko(
+                x_train,
+                x_val,
+                x_test,
+                config=config,
+                progress=progress,
+                callback=log,
+                on_stage=save_stage,
+                checkpoint=files.trainer,
+                resume=resume,
+            )
+        except TrainingError as error:
+            state = load_state(files.trainer)
+            finished = state.flow.blocks[: error.block_index]
+            Flow(state.flow.dim, finished, state.flow.steps, state.flow.shift, state.flow.scale).save(
+                files.partial_flow
+            )
+            raise TrainingError(
+                f"{error}; saved them to {files.partial_flow} (continue with --resume and a lower --lr)",
+                error.block_index,
+            ) from None
     summary = summarize(flow, history, x_test, time.perf_counter() - start)
     return _finish_run(files, flow, history.to_dict(), summary, x_test, data_config.seed)
 

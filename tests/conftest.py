@@ -9,6 +9,11 @@ import blocks
 
 from . import analytic_blocks  # noqa: F401  (registers the analytic test blocks)
 
+# One intra-op thread: tiny tensors run many times faster than with OpenMP's
+# default spin-waiting threads on a few shared cores, and results do not
+# depend on the machine's core count.
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def random_otflow():

@@ -86,6 +86,10 @@ def _bad_files(tmp_path):
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "config.json").write_text("{}")
     (tmp_path / "cfg.json").write_text(json.dumps({"train": {"widht": 3}}))
+    (tmp_path / "data.txt").write_text("1 2\n3 4\n")
+    (tmp_path / "dir.npy").mkdir()
+    (tmp_path / "nan.csv").write_text("1,2\n3,nan\n5,6\n")
+    np.save(tmp_path / "three.npy", np.zeros((3, 2)))
 
 
 @pytest.mark.parametrize(
@@ -103,12 +107,22 @@ def _bad_files(tmp_path):
         (["--data", "moons", "--train-steps", "0"], "train_steps must be a positive"),
         (["--data", "moons", "--config", "{t}/cfg.json"], "unknown JKOConfig keys: widht"),
         (["--data", "moons", "--block", "nope"], "unknown block type 'nope'"),
+        (["--data", "{t}/data.txt"], "unsupported data file extension '.txt'"),
+        (["--data", "{t}/dir.npy"], "is not a file"),
+        (["--data", "{t}/nan.csv"], "NaN or inf"),
+        (["--data", "{t}/three.npy"], "too few rows to split"),
+        (["--data", "moons", "--n-samples", "0"], "n_samples must be a positive"),
+        (["--data", "moons", "--batch-size", "0"], "batch_size must be a positive"),
+        (["--data", "moons", "--eval-steps", "0"], "eval_steps must be a positive"),
+        (["--data", "moons", "--h-max", "-1"], "h_max must be a positive"),
+        (["--data", "moons", "--checkpoint-every", "-1"], "checkpoint_every must be a non-negative"),
+        (["--data", "moons", "--nan-lr-factor", "1.5"], "nan_lr_factor must be in (0, 1)"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, match):
     _bad_files(tmp_path)
     args = [a.format(t=tmp_path) for a in args]
-    if "--out" not in args:
+    if "--out" not in args and "--resume" not in args:
         args += ["--out", str(tmp_path / "run")]
     assert main(["train", *TINY, *args]) == 2
     err = capsys.readouterr().err.strip()

@@ -138,3 +138,10 @@ def test_saving_an_unregistered_block_type_is_refused(tmp_path):
     with pytest.raises(InputError, match="Unregistered is not registered"):
         flow.save(tmp_path / "f.pt")
     assert not (tmp_path / "f.pt").exists()
+
+
+@pytest.mark.parametrize("method", ["log_prob", "forward", "inverse"])
+def test_wrong_dimension_is_a_value_error(flow, method):
+    with pytest.raises(ValueError, match=r"must have shape \(n, 2\), got \(5, 3\)") as info:
+        getattr(flow, method)(torch.zeros(5, 3, dtype=torch.float64))
+    assert "\n" not in str(info.value)

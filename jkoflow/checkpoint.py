@@ -1,0 +1,156 @@
+"""The JKO trainer's checkpoint: everything needed to continue a run exactly
+where it stopped.
+
+A checkpoint holds the flow so far (finished blocks and the current block's
+weights), the parents still to be split in a refinement stage, the history,
+the budgets spent, the current block's optimisation progress (step, losses,
+learning-rate scale, Adam state) and the random number generator states. The
+cached pushed samples are not stored: they are recomputed from the data by
+the same sequence of pushes, which gives the same numbers.
+
+The file is written atomically and read with ``torch.load(weights_only=True)``
+(:mod:`jkoflow.serialization`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from blocks import Block
+
+from .flow import Flow
+from .serialization import read_payload, write_payload
+
+__all__ = ["BlockProgress", "TrainerState", "data_fingerprint", "load_state", "save_state"]
+
+FORMAT = "jkoflow.trainer"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class BlockProgress:
+    """How far the optimisation of the block in training has got.
+
+    Attributes:
+        index: The block's index in the flow.
+        iter: Adam steps taken (the next step's index).
+        losses: The loss of every step taken.
+        lr_scale: Factor on the learning-rate schedule, lowered by each retry
+            after a non-finite loss or gradient.
+        retries: Retries used on this block.
+        seconds: Optimisation seconds spent on this block.
+        optimizer: The Adam state dict (None before the first step).
+    """
+
+    index: int
+    iter: int = 0
+    losses: list[float] = field(default_factory=list)
+    lr_scale: float = 1.0
+    retries: int = 0
+    seconds: float = 0.0
+    optimizer: dict[str, Any] | None = None
+
+    def numbers(self) -> dict[str, Any]:
+        """The JSON-able fields (all but the optimizer state)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "optimizer"}
+
+
+@dataclass
+class TrainerState:
+    """A snapshot of :func:`jkoflow.train_jko` between two Adam steps.
+
+    Attributes:
+        config: The JKOConfig as a dict.
+        history: The JKOHistory as a dict.
+        flow: The flow so far; its last block is the one in training when
+            ``block`` is set.
+        parents: Blocks still to be split by an open refinement stage.
+        first: Index of the first block this run trains (earlier ones are frozen).
+        batches: Mini-batches spent so far.
+        seconds: Optimisation seconds spent so far.
+        finished: Whether every stage has ended.
+        data: Fingerprint of the data sets (:func:`data_fingerprint`).
+        block: Progress of the block in training, if one is.
+        generator: State of the mini-batch generator.
+        torch_rng: State of torch's global CPU generator.
+    """
+
+    config: dict[str, Any]
+    history: dict[str, Any]
+    flow: Flow
+    parents: list[Block] | None
+    first: int
+    batches: int
+    seconds: float
+    finished: bool
+    data: dict[str, list[float]]
+    block: BlockProgress | None
+    generator: Tensor
+    torch_rng: Tensor
+
+
+def data_fingerprint(x: Tensor) -> list[float]:
+    """[rows, Σx, Σx²] in float64: enough to tell data sets apart."""
+    x = x.detach().double()
+    return [float(len(x)), float(x.sum()), float(x.pow(2).sum())]
+
+
+def save_state(state: TrainerState, path: str | os.PathLike) -> None:
+    """Writes ``state`` to ``path`` atomically."""
+    numbers = {
+        "first": state.first,
+        "batches": state.batches,
+        "seconds": state.seconds,
+        "finished": state.finished,
+        "data": state.data,
+        "block": state.block.numbers() if state.block else None,
+    }
+    parents = None
+    if state.parents:
+        parents = Flow(state.flow.dim, state.parents, steps=state.flow.steps).to_payload()
+    payload = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": json.dumps(state.config),
+        "history": json.dumps(state.history),
+        "state": json.dumps(numbers),
+        "flow": state.flow.to_payload(),
+        "parents": parents,
+        "optimizer": state.block.optimizer if state.block else None,
+        "generator": state.generator,
+        "torch_rng": state.torch_rng,
+    }
+    write_payload(payload, path)
+
+
+def load_state(path: str | os.PathLike) -> TrainerState:
+    """Reads a checkpoint written by :func:`save_state` (tensors on the CPU)."""
+    payload = read_payload(path, FORMAT, FORMAT_VERSION, "training checkpoint")
+    numbers = json.loads(payload["state"])
+    flow = Flow.from_payload(payload["flow"], path)
+    parents = None
+    if payload["parents"] is not None:
+        parents = list(Flow.from_payload(payload["parents"], path).blocks)
+    block = None
+    if numbers["block"] is not None:
+        block = BlockProgress(**numbers["block"], optimizer=payload["optimizer"])
+    return TrainerState(
+        config=json.loads(payload["config"]),
+        history=json.loads(payload["history"]),
+        flow=flow,
+        parents=parents,
+        first=numbers["first"],
+        batches=numbers["batches"],
+        seconds=numbers["seconds"],
+        finished=numbers["finished"],
+        data=numbers["data"],
+        block=block,
+        generator=payload["generator"],
+        torch_rng=payload["torch_rng"],
+    )
