@@ -39,7 +39,7 @@ class MLPBlock(Block):
         \quad v = W_{M+1} u_M + b_{M+1},
 
     with M = ``depth`` hidden m×m layers after the opening layer (as for
-    ``otflow``), so (d + 1)m + M·m² + d·m + (M + 2)m + d parameters. The last
+    ``otflow``), so (2d + 1)m + M·m² + (M + 1)m + d parameters. The last
     layer starts at zero: the block starts as the identity map.
 
     The divergence is exact (one batched vector–Jacobian product per
