@@ -104,6 +104,8 @@ def test_mixed_flow_types_per_block(tmp_path):
         block_types=("otflow", "mlp", "user-ridge"),
         max_blocks=4,
         ter_eps=1e-9,
+        refine=(2,),
+        stage_iters=2,
         block_options={"otflow": {"rank": 2}, "mlp": {"activation": "softplus", "width": 6}},
         **TINY,
     )
@@ -115,10 +117,14 @@ def test_mixed_flow_types_per_block(tmp_path):
         "user-ridge",
     ]
     flow, history = jkoflow.train_jko(_data(), config=config)
-    assert [type(b).name for b in flow.blocks] == ["otflow", "mlp", "user-ridge", "user-ridge"]
-    assert flow.blocks[0].rank == 2 and flow.blocks[1].activation == "softplus" and flow.blocks[1].width == 6
-    assert flow.blocks[2].width == 4
-    assert history.blocks[-1]["val_nll"] < history.blocks[0]["val_nll"] + 0.1
+    assert len(flow) == 8 and all(type(b).name == "timeslice" for b in flow.blocks)
+    parents = [b.parent for b in flow.blocks[::2]]
+    assert parents[0].rank == 2 and parents[1].activation == "softplus" and parents[1].width == 6
+    assert parents[2].width == 4
+    initial = history.stages[0]["blocks"]
+    assert initial[-1]["val_nll"] < initial[0]["val_nll"] + 0.1
+    assert [s["name"] for s in history.stages] == ["initial", "refine 1"]  # refinement of every type
+    assert [b.parent.name for b in flow.blocks[::2]] == ["otflow", "mlp", "user-ridge", "user-ridge"]
     flow.save(tmp_path / "flow.pt")
     x = torch.as_tensor(_data()[:50], dtype=torch.float32)
     with torch.no_grad():
