@@ -3,18 +3,20 @@ block types shipped with the library.
 
 Example:
     >>> import blocks
-    >>> "otflow" in blocks.names()
+    >>> {"mlp", "otflow", "timeslice"} <= set(blocks.names())
     True
 """
 
 from .base import Block, PotentialBlock, PotentialDerivatives, time_column
 from .divergence import divergence_exact, divergence_hutchinson
+from .mlp import MLPBlock
 from .otflow import OTFlowBlock, logcosh
-from .registry import get, make, names, register
+from .registry import get, make, names, register, spec
 from .timeslice import TimeSlice, time_slices
 
 __all__ = [
     "Block",
+    "MLPBlock",
     "OTFlowBlock",
     "PotentialBlock",
     "PotentialDerivatives",
@@ -26,6 +28,7 @@ __all__ = [
     "make",
     "names",
     "register",
+    "spec",
     "time_column",
     "time_slices",
 ]

@@ -1,8 +1,36 @@
-"""The block protocol: what every block type provides to the rest of jkoflow.
+r"""The block protocol: what every block type provides to the rest of jkoflow.
 
 A block is a time-dependent velocity field on R^d, integrated over t ∈ [0, 1].
-The integrator, the objectives, the scheduler and :class:`jkoflow.Flow` only use
-the members documented on :class:`Block`; they never look inside a block.
+The integrator, the objectives, the scheduler, refinement
+(:func:`blocks.time_slices`) and :class:`jkoflow.Flow` (including
+``save``/``load``) only use the members listed here; they never look inside a
+block, so any registered block type works everywhere a block name is accepted.
+
+The contract of a block type (a :class:`Block` subclass):
+
+* ``forward(z, t) -> (v, div)``: z is (n, d), t a float, a 0-d tensor or an (n,)
+  tensor; v is (n, d) and div = ∇_z·v the **exact** divergence, (n,), both in
+  the dtype and on the device of z. Rows are independent (no batch coupling).
+  It must work with gradients on (training back-propagates through v and div
+  to the weights and to z) and under :func:`torch.no_grad` (pushing, NLL,
+  sampling; a block needing autograd for div enables it locally and returns
+  detached outputs). An estimate of div (e.g. Hutchinson) is allowed only while
+  ``self.training`` and gradients are recorded; eval mode is always exact.
+* ``config() -> dict``: JSON-able constructor arguments including ``dim``, so
+  that ``type(block)(**block.config())`` rebuilds the architecture; all other
+  state is in the ``state_dict`` (parameters and buffers), so ``.to()``,
+  ``.double()`` and checkpoints need nothing else.
+* ``dim``: the state dimension d.
+* Construction by name: :meth:`jkoflow.TrainingConfig.make_block` calls
+  ``cls(dim=d, width=m, depth=M, **block_options)``, so a type used from a
+  config accepts ``width`` and ``depth`` keywords (it may ignore them).
+* Registration: ``@blocks.register("name")`` (or ``blocks.register("name", cls)``)
+  before a config naming it is built or a checkpoint holding it is loaded.
+* Recommended: start near the identity map (v ≈ 0), as each JKO step is a small
+  move from the previous distribution.
+
+A :class:`PotentialBlock` (v = −∇_xΦ) also provides Φ and ∂_tΦ, needed only by
+the HJB term of the OT-Flow baseline.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from .base import Block
-from .registry import make, register
+from .registry import make, register, spec
 
 __all__ = ["TimeSlice", "time_slices"]
 
@@ -61,8 +61,7 @@ class TimeSlice(Block):
         return v / self.count, div / self.count
 
     def config(self) -> dict[str, Any]:
-        spec = {"type": type(self.parent).name, "config": self.parent.config()}
-        return {"dim": self.dim, "parent": spec, "index": self.index, "count": self.count}
+        return {"dim": self.dim, "parent": spec(self.parent), "index": self.index, "count": self.count}
 
     def extra_repr(self) -> str:
         return f"index={self.index}, count={self.count}"

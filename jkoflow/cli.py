@@ -27,6 +27,7 @@ __all__ = ["main"]
 
 TRAIN_HELP = {
     "block": "block type, one of blocks.names()",
+    "block_types": "block type of each block, for mixed flows; the last one repeats (default: --block)",
     "width": "hidden width m of each block",
     "depth": "ResNet layers M after the opening layer",
     "h0": "JKO step size of the first block",
@@ -106,8 +107,10 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, help: dict[s
         text = f"{help[field.name]} (default: {default})"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif isinstance(default, tuple):
-            parser.add_argument(flag, type=int, nargs="+", metavar="C", default=None, help=text)
+        elif isinstance(default, tuple):  # tuple[int, ...] or tuple[str, ...]
+            kind = str if "str" in str(field.type) else int
+            metavar = "NAME" if kind is str else "C"
+            parser.add_argument(flag, type=kind, nargs="+", metavar=metavar, default=None, help=text)
         else:
             parser.add_argument(
                 flag, type=type(default), choices=CHOICES.get(field.name), default=None, help=text

@@ -159,18 +159,11 @@ class Flow(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """JSON-able architecture: dimension, steps and each block's type and config."""
-        for block in self.blocks:
-            name = type(block).name
-            if name not in block_registry.names() or block_registry.get(name) is not type(block):
-                raise InputError(
-                    f"block type {type(block).__name__} is not registered; "
-                    "register it with @blocks.register(name) to save or describe the flow"
-                )
-        return {
-            "dim": self.dim,
-            "steps": self.steps,
-            "blocks": [{"type": type(b).name, "config": b.config()} for b in self.blocks],
-        }
+        try:
+            specs = [block_registry.spec(block) for block in self.blocks]
+        except ValueError as error:
+            raise InputError(str(error)) from None
+        return {"dim": self.dim, "steps": self.steps, "blocks": specs}
 
     def to_payload(self) -> dict[str, Any]:
         """Weights (on the CPU) and the JSON config: what :meth:`save` writes."""
@@ -190,7 +183,7 @@ class Flow(nn.Module):
         for spec in config["blocks"]:
             try:
                 made.append(block_registry.make(spec["type"], **spec["config"]))
-            except ValueError as error:
+            except (TypeError, ValueError) as error:
                 raise InputError(f"cannot rebuild the flow in {where}: {error}") from None
         state = payload["state"]
         flow = cls(config["dim"], made, steps=config["steps"])

@@ -306,7 +306,8 @@ def run_jko(
     raised.
     """
     x_train, x_val, x_test = splits
-    config.make_block(x_train.shape[1])  # fail on a bad block before creating the run
+    for k in range(max(1, len(config.block_types))):  # fail on a bad block before creating the run
+        config.make_block(x_train.shape[1], k)
     files = _start_run(out, overwrite, "jko", data_config, "train", config, threads, resume)
     done = load_state(files.trainer).history["iterations"] if resume else []
 

@@ -719,7 +719,7 @@ def _new_block(k: int, dim: int, config: JKOConfig, previous: Block | None) -> B
     """Block k, seeded by (seed, k); warm-started from ``previous`` if allowed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed * 7919 + k)
-        block = config.make_block(dim)
+        block = config.make_block(dim, k)
     same = previous is not None and type(previous) is type(block) and previous.config() == block.config()
     if config.warm_start and same:
         block.load_state_dict(previous.state_dict())

@@ -1,0 +1,134 @@
+r"""A free-form block: v = MLP([x, t]), divergence by autograd (DESIGN.md §3.2).
+
+The FFJORD-style comparison to the OT-Flow potential block: no structure on
+the field, so the exact divergence costs about d backward passes
+(:func:`blocks.divergence_exact`). It shares nothing with OT-Flow's internals.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import Block, time_column
+from .divergence import divergence_exact, divergence_hutchinson
+from .registry import register
+
+__all__ = ["ACTIVATIONS", "MLPBlock"]
+
+#: Activations an :class:`MLPBlock` accepts by name; all are smooth, as the
+#: divergence is differentiated once more in training.
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+    "silu": nn.SiLU,
+    "elu": nn.ELU,
+}
+
+
+@register("mlp")
+class MLPBlock(Block):
+    r"""Free-form velocity v(x, t) = MLP([x, t]) with an autograd divergence.
+
+    .. math::
+        u_0 = σ(W_0 [x, t] + b_0), \quad u_i = σ(W_i u_{i-1} + b_i),\ i = 1..M,
+        \quad v = W_{M+1} u_M + b_{M+1},
+
+    with M = ``depth`` hidden m×m layers after the opening layer (as for
+    ``otflow``), so (2d + 1)m + M·m² + (M + 1)m + d parameters. The last
+    layer starts at zero: the block starts as the identity map.
+
+    The divergence is exact (one batched vector–Jacobian product per
+    dimension) except with ``hutchinson=True`` while the block is in training
+    mode and gradients are being recorded: then a one-probe Rademacher
+    estimate is used (fresh probes at every evaluation). Evaluation, pushing
+    and NLL — in ``eval()`` mode or under :func:`torch.no_grad` — are always
+    exact. Under :func:`torch.no_grad` the outputs are detached.
+
+    Arguments:
+        dim: State dimension d.
+        width: Hidden width m.
+        depth: Number M ≥ 0 of hidden m×m layers after the opening layer.
+        activation: One of :data:`ACTIVATIONS` (default ``"tanh"``).
+        hutchinson: Train on the Hutchinson estimate of the divergence.
+
+    Example:
+        >>> import torch, blocks
+        >>> blk = blocks.make("mlp", dim=2, width=8, depth=1)
+        >>> v, div = blk(torch.randn(5, 2), 0.5)
+        >>> v.shape, div.shape, bool((v == 0).all())  # zero last layer: v = 0
+        (torch.Size([5, 2]), torch.Size([5]), True)
+    """
+
+    def __init__(
+        self, dim: int, width: int = 32, depth: int = 1, activation: str = "tanh", hutchinson: bool = False
+    ):
+        super().__init__()
+        for key, value, least in (("dim", dim, 1), ("width", width, 1), ("depth", depth, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"mlp block: {key} must be an integer ≥ {least}, got {value!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"mlp block: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}"
+            )
+        if not isinstance(hutchinson, bool):
+            raise ValueError(f"mlp block: hutchinson must be true or false, got {hutchinson!r}")
+        self.dim, self.width, self.depth = dim, width, depth
+        self.activation, self.hutchinson = activation, hutchinson
+        sizes = [dim + 1] + [width] * (depth + 1)
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in itertools.pairwise(sizes):
+            layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]
+        layers.append(nn.Linear(width, dim))
+        self.net = nn.Sequential(*layers)
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Hidden layers uniform in ±1/√fan_in (weights and biases), the last
+        layer zero, so v = 0 and the block is the identity map until trained."""
+        with torch.no_grad():
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    bound = 1.0 / math.sqrt(layer.in_features)
+                    layer.weight.uniform_(-bound, bound, generator=generator)
+                    layer.bias.uniform_(-bound, bound, generator=generator)
+            self.net[-1].weight.zero_()
+            self.net[-1].bias.zero_()
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim,
+            "width": self.width,
+            "depth": self.depth,
+            "activation": self.activation,
+            "hutchinson": self.hutchinson,
+        }
+
+    def velocity(self, z: Tensor, t: float | Tensor) -> Tensor:
+        """v(z, t) only, shape (n, d)."""
+        if z.dim() != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"mlp block: expected z of shape (n, {self.dim}), got {tuple(z.shape)}")
+        return self.net(torch.cat([z, time_column(t, z)], dim=1))
+
+    def forward(self, z: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
+        """v (n, d) and its divergence (n,): exact, or a Hutchinson estimate in
+        training (see the class docstring)."""
+        # The graph of (v, div) is only needed when the caller records gradients
+        # through z or the weights; the divergence itself always needs autograd.
+        keep = torch.is_grad_enabled() and (
+            z.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        with torch.enable_grad():
+            x = z if z.requires_grad else z.detach().requires_grad_(True)
+            v = self.velocity(x, t)
+            if self.hutchinson and self.training and keep:
+                div = divergence_hutchinson(v, x, create_graph=True)
+            else:
+                div = divergence_exact(v, x, create_graph=keep)
+        if not keep:
+            v, div = v.detach(), div.detach()
+        return v, div
