@@ -17,8 +17,10 @@ import torch
 
 from . import datasets
 from .compare import compare
-from .config import DataConfig, JKOConfig, config_from_dict
+from .config import CACHE_POLICIES, DTYPES, DataConfig, JKOConfig, config_from_dict
+from .distributed import launched, world_from_env
 from .errors import InputError, TrainingError
+from .flow import Flow
 from .metrics import inversion_error, nll
 from .otflow import OTFLOW_PRESETS, OTFlowConfig
 from .run import RunFiles, load_data, read_json, run_jko, run_otflow, write_json, write_plots
@@ -56,7 +58,8 @@ TRAIN_HELP = {
     "nan_lr_factor": "factor on the lr at each such retry",
     "standardize": "standardise the data (NLL is still reported in data space)",
     "chunk_size": "rows per chunk when pushing and evaluating",
-    "device": "torch device: cpu, cuda, cuda:N",
+    "cache_device": "where cached pushed samples live: auto (device if they fit), device, host",
+    "device": "torch device: cpu, cuda, cuda:N (with torchrun, cuda means cuda:LOCAL_RANK)",
     "dtype": "float32 or float64",
 }
 DATA_HELP = {
@@ -85,7 +88,7 @@ OTFLOW_HELP = {
     "device": "torch device: cpu, cuda, cuda:N",
     "dtype": "float32 or float64",
 }
-CHOICES = {"transport": ("path", "endpoint"), "dtype": ("float32", "float64")}
+CHOICES = {"transport": ("path", "endpoint"), "dtype": tuple(DTYPES), "cache_device": CACHE_POLICIES}
 CONFIG_FILE_KEYS = {"method", "data", "train", "otflow", "threads", "versions"}
 
 
@@ -140,6 +143,7 @@ def _build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--budget-seconds", type=float, default=None, help="the same training-time budget for both"
     )
+    _add_device(comp, "of both trainers", default=None)
     _add_common(comp)
 
     sample = sub.add_parser("sample", help="draw samples from a trained flow")
@@ -147,6 +151,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", type=int, required=True, help="number of samples")
     sample.add_argument("-o", "--output", required=True, help="output .npy file")
     sample.add_argument("--seed", type=int, default=0, help="seed of the latent draws")
+    _add_device(sample, "to sample on")
     _add_common(sample)
 
     evaluate = sub.add_parser("eval", help="test NLL and inversion error of a trained flow")
@@ -159,10 +164,12 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--eval-steps", type=int, default=None, help="RK4 steps per block (default: the run's)"
     )
+    _add_device(evaluate, "to evaluate on")
     _add_common(evaluate)
 
     plot = sub.add_parser("plot", help="redraw a run's plots")
     plot.add_argument("run", help="run directory")
+    _add_device(plot, "to sample on")
     _add_common(plot)
     return parser
 
@@ -192,6 +199,23 @@ def _add_run_parser(
     parser.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
     _add_config_options(parser, DataConfig, DATA_HELP)
     return parser
+
+
+def _add_device(parser: argparse.ArgumentParser, what: str, default: str | None = "cpu") -> None:
+    """--device and --dtype of a command (for a trained flow, --dtype defaults to the flow's own)."""
+    shown = default or "the config's"
+    parser.add_argument("--device", default=default, help=f"torch device {what}: cpu, cuda, cuda:N ({shown})")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="float32 or float64")
+
+
+def _loaded_flow(files: RunFiles, args: argparse.Namespace) -> Flow:
+    """The run's flow on ``--device``, in ``--dtype`` when given."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise InputError(f"--device must be like cpu, cuda or cuda:0, got {args.device!r}") from None
+    flow = files.load_flow(device)
+    return flow if args.dtype is None else flow.to(dtype=DTYPES[args.dtype])
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -247,20 +271,23 @@ def _train(args: argparse.Namespace) -> None:
         data_config = _config(DataConfig, sections["data"], given)
         config = _config(JKOConfig, sections["train"], given)
     try:
-        summary = run_jko(
-            args.out,
-            data_config,
-            config,
-            load_data(data_config),
-            args.threads,
-            args.overwrite,
-            not args.quiet,
-            resume=args.resume is not None,
-        )
+        with launched(config.device) as group:  # a process group when run by torchrun
+            summary = run_jko(
+                args.out,
+                data_config,
+                config,
+                load_data(data_config),
+                args.threads,
+                args.overwrite,
+                not args.quiet,
+                resume=args.resume is not None,
+            )
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
             f"the trainer's state is saved; continue with: jkoflow train --resume {args.out}"
         ) from None
+    if not group.is_main:
+        return
     print(
         f"{args.out}: {summary['n_blocks']} blocks ({summary['stopped_by']}), "
         f"test NLL {summary['test_nll']:.4f} nats ({summary['eval_steps']} RK4 steps/block), "
@@ -307,7 +334,7 @@ def _compare(args: argparse.Namespace) -> None:
         if not args.budget_seconds > 0:
             raise InputError(f"--budget-seconds must be positive, got {args.budget_seconds}")
         budget["max_seconds"] = args.budget_seconds
-    shared = {k: v for k, v in given.items() if k == "width"}
+    shared = {k: v for k, v in given.items() if k in ("width", "device", "dtype")}
     data_config = _config(DataConfig, sections["data"], given)
     jko_config = _config(JKOConfig, {**sections["train"], **budget}, shared)
     otflow_budget = {"max_seconds": budget.get("max_seconds", 0.0)}
@@ -332,16 +359,16 @@ def _sample(args: argparse.Namespace) -> None:
         raise InputError(f"-n must be a positive integer, got {args.n}")
     if not args.output.endswith(".npy"):
         raise InputError(f"-o must name a .npy file, got {args.output!r}")
-    flow = RunFiles(args.run).require().load_flow()
+    flow = _loaded_flow(RunFiles(args.run).require(), args)
     with torch.no_grad():
         x = flow.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
-    np.save(args.output, x.numpy())
+    np.save(args.output, x.cpu().numpy())
     print(f"wrote {args.n} samples of dimension {flow.dim} to {args.output}")
 
 
 def _eval(args: argparse.Namespace) -> None:
     files = RunFiles(args.run).require()
-    flow = files.load_flow()
+    flow = _loaded_flow(files, args)
     if args.eval_steps is not None:
         if args.eval_steps < 1:
             raise InputError(f"--eval-steps must be a positive integer, got {args.eval_steps}")
@@ -375,7 +402,7 @@ def _plot(args: argparse.Namespace) -> None:
     files = RunFiles(args.run).require()
     history = read_json(files.history)
     x_test = load_data(files.data_config())[2]
-    write_plots(files, files.load_flow(), history, x_test, seed=files.data_config().seed)
+    write_plots(files, _loaded_flow(files, args), history, x_test, seed=files.data_config().seed)
     print(f"redrew the plots of {files.root}")
 
 
@@ -396,16 +423,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jkoflow: error: --threads must be a positive integer, got {args.threads}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    main_rank = True
     try:
+        main_rank = world_from_env()[1] == 0  # under torchrun, the ranks agree; only rank 0 reports
         COMMANDS[args.command](args)
     except InputError as error:
-        print(f"jkoflow: error: {error}", file=sys.stderr)
+        if main_rank:
+            print(f"jkoflow: error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
-        print(f"jkoflow: training failed: {error}", file=sys.stderr)
+        if main_rank:
+            print(f"jkoflow: training failed: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:
-        print("jkoflow: interrupted" + (f"; {interrupt}" if str(interrupt) else ""), file=sys.stderr)
+        if main_rank:
+            print("jkoflow: interrupted" + (f"; {interrupt}" if str(interrupt) else ""), file=sys.stderr)
         return 130
     return 0
 

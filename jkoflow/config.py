@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CACHE_POLICIES = ("auto", "device", "host")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -205,6 +206,11 @@ class JKOConfig(TrainingConfig):
     learning rate by ``nan_lr_factor`` and retries, at most ``nan_retries``
     times per block.
 
+    Memory: ``cache_device`` says where the cached pushed samples live,
+    ``"auto"`` (on the compute device when they fit, else in host memory),
+    ``"device"`` or ``"host"`` (:mod:`jkoflow.cache`); the numbers do not depend
+    on it.
+
     Options that can change when a run is resumed: :data:`RESUMABLE`.
     """
 
@@ -227,6 +233,7 @@ class JKOConfig(TrainingConfig):
     checkpoint_every: int = 100
     nan_retries: int = 3
     nan_lr_factor: float = 0.5
+    cache_device: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("refine", "block_types"):  # JSON gives lists
@@ -252,6 +259,10 @@ class JKOConfig(TrainingConfig):
             raise InputError(f"refine factors must be integers ≥ 2, got {self.refine!r}")
         if self.transport not in ("path", "endpoint"):
             raise InputError(f"transport must be 'path' or 'endpoint', got {self.transport!r}")
+        if self.cache_device not in CACHE_POLICIES:
+            raise InputError(
+                f"cache_device must be one of {', '.join(CACHE_POLICIES)}, got {self.cache_device!r}"
+            )
 
     def block_types_used(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.block_types)) or (self.block,)
@@ -278,10 +289,12 @@ RESUMABLE = (
     "nan_lr_factor",
     "lr",
     "chunk_size",
+    "cache_device",
 )
 """JKOConfig fields a resumed run may change: budgets, checkpointing, fault
-handling, the learning rate (e.g. after a run stopped on non-finite losses) and
-``max_blocks`` (to add blocks to a finished flow)."""
+handling, the learning rate (e.g. after a run stopped on non-finite losses),
+where the cached samples live and ``max_blocks`` (to add blocks to a finished
+flow)."""
 
 
 def resume_config(saved: JKOConfig, given: JKOConfig) -> JKOConfig:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import datasets
+from . import datasets, distributed
 from .checkpoint import load_state
 from .config import DataConfig, JKOConfig, config_from_dict
 from .errors import InputError, TrainingError
@@ -304,11 +304,23 @@ def run_jko(
     ``max_blocks`` gets more blocks). If a block's loss stays non-finite, the
     finished blocks are written to ``flow-partial.pt`` and TrainingError is
     raised.
+
+    In a process group (:mod:`jkoflow.distributed`) every rank trains its share
+    of each mini-batch; rank 0 alone writes the run directory and returns the
+    summary, the other ranks return an empty dict.
     """
     x_train, x_val, x_test = splits
     for k in range(max(1, len(config.block_types))):  # fail on a bad block before creating the run
         config.make_block(x_train.shape[1], k)
-    files = _start_run(out, overwrite, "jko", data_config, "train", config, threads, resume)
+    group = distributed.current()
+    if not group.is_main:
+        return _follow_jko(out, config, splits, resume, group)
+    failed = True
+    try:
+        files = _start_run(out, overwrite, "jko", data_config, "train", config, threads, resume)
+        failed = False
+    finally:
+        group.any(failed)  # the other ranks wait for the run directory
     done = load_state(files.trainer).history["iterations"] if resume else []
 
     def save_stage(history: JKOHistory, flow: Flow) -> None:  # a checkpoint after every stage
@@ -341,6 +353,21 @@ def run_jko(
             ) from None
     summary = summarize(flow, history, x_test, time.perf_counter() - start)
     return _finish_run(files, flow, history.to_dict(), summary, x_test, data_config.seed)
+
+
+def _follow_jko(
+    out: str | os.PathLike,
+    config: JKOConfig,
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray],
+    resume: bool,
+    group: distributed.Group,
+) -> dict[str, Any]:
+    """What a rank other than 0 does in :func:`run_jko`: trains in step with
+    rank 0 (reading the checkpoint when resuming) and writes nothing."""
+    if group.any(False):
+        raise InputError(f"rank 0 could not start the run in {out}")
+    train_jko(*splits, config=config, checkpoint=RunFiles(out).trainer, resume=resume)
+    return {}
 
 
 def run_otflow(

@@ -48,11 +48,13 @@ from tqdm.auto import tqdm
 
 from blocks import Block, time_slices
 
+from . import distributed
+from .cache import cache_bytes, choose_cache_device, to_compute, to_store
 from .checkpoint import BlockProgress, TrainerState, data_fingerprint, load_state, save_state
 from .config import JKOConfig, config_from_dict, resolve_dtype, resume_config
 from .errors import InputError, TrainingError
 from .flow import Flow, as_data_tensor, chunked
-from .objectives import gaussian_log_prob, jko_loss
+from .objectives import JKOLoss, gaussian_log_prob, jko_loss
 from .ode import integrate
 
 __all__ = ["JKOHistory", "movement_spread", "reparametrize", "train_jko"]
@@ -213,28 +215,38 @@ def train_jko(
         saved_config = config_from_dict(JKOConfig, saved.config)
         config = saved_config if config is None else resume_config(saved_config, config)
     config = config or JKOConfig()
-    like = torch.empty(0, dtype=resolve_dtype(config.dtype), device=config.device)
+    group = distributed.current()
+    dtype = resolve_dtype(config.dtype)
+    like = torch.empty(0, dtype=dtype, device=group.device(config.device))
+    host = torch.empty(0, dtype=dtype)
     x_train = torch.as_tensor(x_train)
     if saved is not None:
         flow = saved.flow
     dim = flow.dim if flow is not None else (x_train.shape[1] if x_train.dim() == 2 else -1)
-    x_train = as_data_tensor(x_train, dim, like, "training data")
+    x_train = as_data_tensor(x_train, dim, host, "training data")
     if x_val is None:
         perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(config.seed))
         n_val = max(1, len(x_train) // 10)
         x_val, x_train = x_train[perm[:n_val]], x_train[perm[n_val:]]
-    sets = {"train": x_train, "val": as_data_tensor(x_val, dim, like, "validation data")}
+    sets = {"train": x_train, "val": as_data_tensor(x_val, dim, host, "validation data")}
     if x_test is not None:
-        sets["test"] = as_data_tensor(x_test, dim, like, "test data")
+        sets["test"] = as_data_tensor(x_test, dim, host, "test data")
     if len(x_train) < config.batch_size:
         raise InputError(
             f"the training set has {len(x_train)} rows but batch_size is {config.batch_size}; "
             "lower the batch size or give more data"
         )
+    if config.batch_size < group.size:
+        raise InputError(
+            f"batch_size ({config.batch_size}) must be at least the number of processes ({group.size})"
+        )
+    rows = sum(len(x) for x in sets.values())
+    store = choose_cache_device(config.cache_device, like.device, cache_bytes(rows, dim, dtype))
+    sets = {name: to_store(x, store, like.device) for name, x in sets.items()}
     if flow is None:
         flow = Flow.for_data(x_train, config.eval_steps, config.standardize)
     flow = flow.to(device=like.device, dtype=like.dtype)
-    trainer = _Trainer(flow, sets, config, like, progress, callback, on_stage, checkpoint)
+    trainer = _Trainer(flow, sets, config, like, progress, callback, on_stage, checkpoint, group)
     if saved is not None:
         trainer.restore(saved)
     with _stop_on_interrupt(trainer, enabled=checkpoint is not None):
@@ -285,10 +297,13 @@ class _Trainer:
         callback: Callable[[dict[str, Any]], None] | None,
         on_stage: StageCallback | None,
         checkpoint: str | os.PathLike | None,
+        group: distributed.Group,
     ):
         self.flow, self.sets, self.config, self.like = flow, sets, config, like
-        self.progress, self.callback, self.on_stage = progress, callback, on_stage
-        self.checkpoint = checkpoint
+        self.group, self.device = group, like.device
+        self.store = next(iter(sets.values())).device  # where cached samples live (jkoflow.cache)
+        self.progress, self.callback, self.on_stage = progress and group.is_main, callback, on_stage
+        self.checkpoint = checkpoint  # read by every rank on resume, written by rank 0
         self.first = len(flow)  # blocks before this index are frozen input
         self.history = JKOHistory(config.to_dict())
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -327,7 +342,7 @@ class _Trainer:
         )
 
     def save(self) -> None:
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and self.group.is_main:
             save_state(self.state(), self.checkpoint)
 
     def restore(self, state: TrainerState) -> None:
@@ -479,9 +494,24 @@ class _Trainer:
             frozen = Flow(flow.dim, flow.blocks[: self.first], flow.steps, flow.shift, flow.scale)
             with torch.no_grad():
                 self._base = {
-                    name: _Cached(*frozen(x, self.config.chunk_size)) for name, x in self.sets.items()
+                    name: _Cached(*self._map(lambda part: frozen(part, self.config.chunk_size), x))
+                    for name, x in self.sets.items()
                 }
         return self._base
+
+    def _map(self, fn: Callable[[Tensor], Any], x: Tensor) -> tuple[Tensor, Tensor]:
+        """(z, ℓ) = ``fn(rows)[:2]`` for the rows of ``x``, ``chunk_size`` rows at a
+        time on the compute device, stored on the cache device. With several
+        ranks each pushes its shard of the rows and the pieces are gathered."""
+        start, stop = self.group.shard(len(x))
+
+        def run(part: Tensor) -> tuple[Tensor, Tensor]:
+            z, logdet = fn(to_compute(part, self.device))[:2]
+            return z.to(self.store), logdet.to(self.store)
+
+        out = chunked(run, x[start:stop], self.config.chunk_size)
+        size = self.config.chunk_size
+        return tuple(to_store(self.group.gather_rows(t, len(x), size), self.store, self.device) for t in out)
 
     def _cached(self, stage: dict[str, Any]) -> dict[str, _Cached]:
         """Samples of p_{k−1} for the next block of ``stage``: the base samples
@@ -496,8 +526,8 @@ class _Trainer:
 
     def _push(self, block: Block, cached: _Cached) -> _Cached:
         """Samples of p_k from those of p_{k−1}: x ↦ T_k(x), logdet += ℓ_k(x)."""
-        out = chunked(lambda part: integrate(block, part, self.flow.steps), cached.x, self.config.chunk_size)
-        return _Cached(out.z, cached.logdet + out.logdet)
+        z, logdet = self._map(lambda part: integrate(block, part, self.flow.steps), cached.x)
+        return _Cached(z, cached.logdet + logdet)
 
     def _fit(
         self,
@@ -543,6 +573,7 @@ class _Trainer:
                 f"[{stage['name']}] block {k + 1}: h={h:.3g}  W={record['w2']:.4f}  "
                 f"Ter={record['ter']:.4f}  val NLL={record['val_nll']:.4f}  ({record['seconds']:.1f} s)"
             )
+        self.interrupted = self.group.any(self.interrupted)
         if self.interrupted:
             raise KeyboardInterrupt
         return moved
@@ -565,6 +596,7 @@ class _Trainer:
         if progress.optimizer is not None:
             optimizer.load_state_dict(progress.optimizer)
         self._optimizer = optimizer
+        parallel = distributed.data_parallel(block, self.group, self.device)
         good = self._snapshot(block, optimizer)
         stage = len(self.history.stages) - 1
         bar = tqdm(
@@ -580,12 +612,17 @@ class _Trainer:
             lr = self._lr(it, iters, progress.lr_scale)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            index = torch.randint(len(x), (config.batch_size,), generator=self.generator).to(x.device)
-            terms = jko_loss(block, x[index], h, config.train_steps, config.transport)  # type: ignore[arg-type]
+            index = torch.randint(len(x), (config.batch_size,), generator=self.generator)
+            if parallel is None:
+                batch = to_compute(x[index.to(x.device)], self.device)
+                terms = jko_loss(block, batch, h, config.train_steps, config.transport)  # type: ignore[arg-type]
+                target = terms.loss
+            else:
+                target, terms = self._parallel_loss(parallel, x, index, h)
             optimizer.zero_grad(set_to_none=True)
             fault = "loss" if not torch.isfinite(terms.loss) else None
             if fault is None:
-                terms.loss.backward()
+                target.backward()
                 if not all(torch.isfinite(p.grad).all() for p in block.parameters() if p.grad is not None):
                     fault = "gradient"
             if fault is not None:
@@ -595,7 +632,7 @@ class _Trainer:
                 continue
             optimizer.step()
             loss = float(terms.loss.detach())
-            elapsed = time.perf_counter() - tick
+            elapsed, self.interrupted = self.group.agree(time.perf_counter() - tick, self.interrupted)
             self.batches += 1
             self.seconds += elapsed
             progress.seconds += elapsed
@@ -627,6 +664,20 @@ class _Trainer:
         block.eval()
         self._optimizer, progress.optimizer = None, None
         return progress
+
+    def _parallel_loss(
+        self, parallel: torch.nn.Module, x: Tensor, index: Tensor, h: float
+    ) -> tuple[Tensor, JKOLoss]:
+        """This rank's weighted loss (to backpropagate through DistributedDataParallel)
+        on its slice of the global mini-batch ``x[index]``, and the global batch's
+        loss terms, equal on every rank (:mod:`jkoflow.distributed`)."""
+        config, group = self.config, self.group
+        start, stop = group.shard(len(index))
+        batch = to_compute(x[index[start:stop].to(x.device)], self.device)
+        weight = group.size * (stop - start) / len(index)
+        with group.step_rng(config.seed, self.batches, self.device):
+            local = parallel(batch, h, config.train_steps, config.transport, weight)
+        return local[0], JKOLoss(*(group.sum(local.detach()) / group.size))
 
     def _snapshot(self, block: Block, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The in-memory state a non-finite step rolls back to."""
