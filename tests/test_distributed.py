@@ -19,9 +19,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import jkoflow
-from jkoflow import JKOConfig, train_jko
+from jkoflow import DataConfig, JKOConfig, train_jko
 from jkoflow.cache import cache_bytes, choose_cache_device
 from jkoflow.distributed import Group, launched
+from jkoflow.run import load_data, run_jko
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,10 +57,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(
-    rank: int, world: int, port: int, config: dict, data: tuple, out: str, stop_at: int, resume: bool
-):
-    """One rank: trains with ``config`` and saves its losses and flow to out/rank{rank}.pt."""
+def _stopper(stop_at: int):
+    """A callback that raises _Stop at the ``stop_at``-th step (never for 0)."""
+    steps = []
+
+    def callback(record):
+        steps.append(record)
+        if len(steps) == stop_at:
+            raise _Stop
+
+    return callback
+
+
+def _worker(rank: int, world: int, port: int, data: tuple, jobs: list[dict]):
+    """One rank: runs the ``jobs`` in order in one process group. A training job
+    (``config``, ``out``, optional ``stop_at``, ``resume``) saves this rank's
+    history and flow to out/rank{rank}.pt; a ``run_jko`` job records in
+    out/rank{rank}.txt the InputError that run_jko raised."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -69,36 +83,28 @@ def _worker(
     )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    losses = []
-
-    def callback(record):
-        losses.append(record["loss"])
-        if len(losses) == stop_at:
-            raise _Stop
-
     with launched("cpu") as group:  # joins the group made above, leaves it at the end
         assert group.size == world and group.rank == rank
-        try:
-            flow, history = train_jko(
-                *data,
-                config=JKOConfig(**config),
-                checkpoint=Path(out) / "trainer.pt",
-                resume=resume,
-                callback=callback,
-            )
-        except _Stop:
-            return
-    torch.save(
-        {"losses": losses, "flow": flow.state_dict(), "history": history.to_dict()}, f"{out}/rank{rank}.pt"
-    )
-
-
-def _spawn(tmp: Path, config: JKOConfig, data: tuple, stop_at: int = 0, resume: bool = False) -> list[dict]:
-    args = (2, _free_port(), config.to_dict(), data, str(tmp), stop_at, resume)
-    mp.spawn(_worker, args=args, nprocs=2, join=True)
-    if stop_at:
-        return []
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+        for job in jobs:
+            out, config = Path(job["out"]), JKOConfig(**job["config"])
+            if job.get("run_jko"):
+                try:
+                    run_jko(out, DataConfig("8gaussians"), config, data, progress=False)
+                except jkoflow.InputError as error:
+                    (out / f"rank{rank}.txt").write_text(str(error))
+                continue
+            callback = _stopper(job.get("stop_at", 0))
+            try:
+                flow, history = train_jko(
+                    *data,
+                    config=config,
+                    checkpoint=out / "trainer.pt",
+                    resume=job.get("resume", False),
+                    callback=callback,
+                )
+            except _Stop:
+                continue
+            torch.save({"flow": flow.state_dict(), "history": history.to_dict()}, out / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +118,31 @@ def single(data):
     """The one-process run with the same seed and global batch."""
     flow, history = train_jko(*data, config=CONFIG)
     return [r["loss"] for r in history.iterations], flow.state_dict(), history
+
+
+BUDGET = dataclasses.replace(CONFIG, iters=10_000, max_seconds=0.3, refine=())
+
+
+@pytest.fixture(scope="module")
+def two(data, tmp_path_factory):
+    """The jobs of the tests below, run by 2 processes on gloo (one start-up)."""
+    root = tmp_path_factory.mktemp("two")
+    for name in ("full", "resumed", "budget", "taken"):
+        (root / name).mkdir()
+    (root / "taken" / "config.json").write_text("{}")  # a run directory rank 0 refuses
+    jobs = [
+        {"config": CONFIG.to_dict(), "out": str(root / "full")},
+        {"config": CONFIG.to_dict(), "out": str(root / "resumed"), "stop_at": 15},  # checkpoint at step 12
+        {"config": CONFIG.to_dict(), "out": str(root / "resumed"), "resume": True},
+        {"config": BUDGET.to_dict(), "out": str(root / "budget")},
+        {"config": CONFIG.to_dict(), "out": str(root / "taken"), "run_jko": True},
+    ]
+    mp.spawn(_worker, args=(2, _free_port(), data, jobs), nprocs=2, join=True)
+    return root
+
+
+def _ranks(out: Path) -> list[dict]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 def _assert_same_run(ranks: list[dict], single) -> None:
@@ -130,26 +161,28 @@ def _assert_same_run(ranks: list[dict], single) -> None:
 
 
 @needs_gloo
-def test_two_processes_match_one(data, single, tmp_path):
-    _assert_same_run(_spawn(tmp_path, CONFIG, data), single)
+def test_two_processes_match_one(two, single):
+    _assert_same_run(_ranks(two / "full"), single)
 
 
 @needs_gloo
-def test_two_processes_resume_to_the_same_result(data, single, tmp_path):
-    _spawn(tmp_path, CONFIG, data, stop_at=15)  # killed after step 15, checkpoint at step 12
-    assert (tmp_path / "trainer.pt").is_file()
-    _assert_same_run(_spawn(tmp_path, CONFIG, data, resume=True), single)
+def test_two_processes_resume_to_the_same_result(two, single):
+    _assert_same_run(_ranks(two / "resumed"), single)
 
 
 @needs_gloo
-def test_ranks_agree_on_the_time_budget(data, tmp_path):
-    config = dataclasses.replace(CONFIG, iters=10_000, max_seconds=0.3, refine=())
-    ranks = _spawn(tmp_path, config, data)
-    a, b = (r["history"] for r in ranks)
+def test_ranks_agree_on_the_time_budget(two):
+    a, b = (r["history"] for r in _ranks(two / "budget"))
     assert a["stopped_by"] == b["stopped_by"] == "budget"
     assert 0 < len(a["iterations"]) < 2 * 10_000
     assert [r["loss"] for r in a["iterations"]] == [r["loss"] for r in b["iterations"]]
     assert [r["seconds"] for r in a["iterations"]] == [r["seconds"] for r in b["iterations"]]
+
+
+@needs_gloo
+def test_all_ranks_stop_when_rank_0_cannot_start_the_run(two):
+    assert "already holds a run" in (two / "taken" / "rank0.txt").read_text()
+    assert "rank 0 could not start the run" in (two / "taken" / "rank1.txt").read_text()
 
 
 def _cli(args: list[str], launcher: list[str]) -> subprocess.CompletedProcess:
@@ -161,6 +194,18 @@ def _cli(args: list[str], launcher: list[str]) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
+
+
+RUN_FILES = {
+    "config.json",
+    "flow.pt",
+    "flow-initial.pt",
+    "history.json",
+    "log.csv",
+    "summary.json",
+    "trainer.pt",
+}
+RUN_FILES |= {"w2_per_block.png", "h_per_block.png", "samples.png"}
 
 
 @needs_gloo
@@ -178,24 +223,22 @@ def test_torchrun_cli_writes_only_rank_0s_run(tmp_path):
         "63",
     ]
     args += ["--max-blocks", "1", "--train-steps", "2", "--eval-steps", "2", "--dtype", "float64", "--quiet"]
-    one = _cli([*args, "--out", str(tmp_path / "one")], [])
-    assert one.returncode == 0, one.stderr
     port = str(_free_port())
     torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
     two = _cli([*args, "--out", str(tmp_path / "two")], torchrun)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("test NLL") == 1  # one report, from rank 0
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
-        p.name for p in (tmp_path / "one").iterdir()
-    )
+    assert {p.name for p in (tmp_path / "two").iterdir()} == RUN_FILES
     log = (tmp_path / "two" / "log.csv").read_text().splitlines()
     assert len(log) == 1 + 4 and log[0].startswith("stage,")  # one header, each step once
-    s1, s2 = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two"))
-    assert s2["test_nll"] == pytest.approx(s1["test_nll"], rel=1e-9)
-    assert s2["n_batches"] == s1["n_batches"] == 4
-    again = _cli([*args, "--out", str(tmp_path / "two")], torchrun)  # rank 0 refuses: all ranks stop
-    assert again.returncode != 0
-    assert again.stderr.count("already holds a run") == 1
+    data_config = DataConfig("8gaussians", n_samples=1500)
+    config = JKOConfig(
+        width=8, iters=4, batch_size=63, max_blocks=1, train_steps=2, eval_steps=2, dtype="float64"
+    )
+    _, history = train_jko(*load_data(data_config), config=config)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["test_nll"] == pytest.approx(history.blocks[-1]["test_nll"], rel=1e-9)
+    assert summary["n_batches"] == 4
 
 
 def test_shards_cover_the_rows_in_order():
