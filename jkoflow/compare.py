@@ -110,7 +110,9 @@ def write_comparison(out: str | os.PathLike, n_metric: int = 2000) -> list[dict[
         flow = files.load_flow()
         with torch.no_grad():
             start = time.perf_counter()
-            drawn = flow.sample(10_000, generator=torch.Generator().manual_seed(data_config.seed)).numpy()
+            drawn = (
+                flow.sample(10_000, generator=torch.Generator().manual_seed(data_config.seed)).cpu().numpy()
+            )
             sample_seconds = time.perf_counter() - start
         samples[name] = drawn
         summary = summaries[name]

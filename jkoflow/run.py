@@ -78,7 +78,7 @@ class RunFiles:
                 raise InputError(f"{self.root} is not a finished jkoflow run: {path.name} is missing")
         return self
 
-    def load_flow(self, device: str = "cpu") -> Flow:
+    def load_flow(self, device: str | torch.device = "cpu") -> Flow:
         return Flow.load(self.flow, map_location=device)
 
     def data_config(self) -> DataConfig:

@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import itertools
 import json
+import math
 import os
 import socket
 import subprocess
@@ -121,20 +122,23 @@ def single(data):
 
 
 BUDGET = dataclasses.replace(CONFIG, iters=10_000, max_seconds=0.3, refine=())
+HUTCHINSON = dataclasses.replace(CONFIG, block="mlp", block_options={"mlp": {"hutchinson": True}}, refine=())
 
 
 @pytest.fixture(scope="module")
 def two(data, tmp_path_factory):
     """The jobs of the tests below, run by 2 processes on gloo (one start-up)."""
     root = tmp_path_factory.mktemp("two")
-    for name in ("full", "resumed", "budget", "taken"):
+    for name in ("full", "resumed", "killed", "budget", "taken", "mlp"):
         (root / name).mkdir()
     (root / "taken" / "config.json").write_text("{}")  # a run directory rank 0 refuses
     jobs = [
         {"config": CONFIG.to_dict(), "out": str(root / "full")},
         {"config": CONFIG.to_dict(), "out": str(root / "resumed"), "stop_at": 15},  # checkpoint at step 12
         {"config": CONFIG.to_dict(), "out": str(root / "resumed"), "resume": True},
+        {"config": CONFIG.to_dict(), "out": str(root / "killed"), "stop_at": 15},  # resumed by one process
         {"config": BUDGET.to_dict(), "out": str(root / "budget")},
+        {"config": HUTCHINSON.to_dict(), "out": str(root / "mlp")},
         {"config": CONFIG.to_dict(), "out": str(root / "taken"), "run_jko": True},
     ]
     mp.spawn(_worker, args=(2, _free_port(), data, jobs), nprocs=2, join=True)
@@ -168,6 +172,22 @@ def test_two_processes_match_one(two, single):
 @needs_gloo
 def test_two_processes_resume_to_the_same_result(two, single):
     _assert_same_run(_ranks(two / "resumed"), single)
+
+
+@needs_gloo
+def test_one_process_resumes_a_two_process_run(two, single, data):
+    flow, history = train_jko(*data, checkpoint=two / "killed" / "trainer.pt", resume=True)
+    _assert_same_run([{"flow": flow.state_dict(), "history": history.to_dict()}], single)
+
+
+@needs_gloo
+def test_stochastic_divergence_trains_with_rank_wise_noise(two, data):
+    a, b = (r["history"] for r in _ranks(two / "mlp"))
+    losses = [r["loss"] for r in a["iterations"]]
+    assert len(losses) == 12 and all(map(math.isfinite, losses))
+    assert losses == [r["loss"] for r in b["iterations"]]  # the all-reduced loss, equal on both ranks
+    one = train_jko(*data, config=HUTCHINSON)[1]  # other noise, the same distribution
+    assert a["stages"][-1]["test_nll"] == pytest.approx(one.stages[-1]["test_nll"], abs=0.2)
 
 
 @needs_gloo
