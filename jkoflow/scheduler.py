@@ -573,8 +573,8 @@ class _Trainer:
                 f"[{stage['name']}] block {k + 1}: h={h:.3g}  W={record['w2']:.4f}  "
                 f"Ter={record['ter']:.4f}  val NLL={record['val_nll']:.4f}  ({record['seconds']:.1f} s)"
             )
-        self.interrupted = self.group.any(self.interrupted)
-        if self.interrupted:
+        if self.group.any(self.interrupted):  # decided together: a later Ctrl-C waits for the next check
+            self.interrupted = True
             raise KeyboardInterrupt
         return moved
 
@@ -632,7 +632,10 @@ class _Trainer:
                 continue
             optimizer.step()
             loss = float(terms.loss.detach())
-            elapsed, self.interrupted = self.group.agree(time.perf_counter() - tick, self.interrupted)
+            # the step's time and whether to stop, the same on every rank (the flag
+            # may still turn true on one rank later in this step: the next step sees it)
+            elapsed, stop = self.group.agree(time.perf_counter() - tick, self.interrupted)
+            self.interrupted = self.interrupted or stop
             self.batches += 1
             self.seconds += elapsed
             progress.seconds += elapsed
@@ -655,10 +658,10 @@ class _Trainer:
             if it % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}", h=f"{h:.3g}")
             every = config.checkpoint_every
-            if self.interrupted or (every and progress.iter % every == 0 and progress.iter < iters):
+            if stop or (every and progress.iter % every == 0 and progress.iter < iters):
                 good = self._snapshot(block, optimizer)
                 self.save()
-                if self.interrupted:
+                if stop:
                     raise KeyboardInterrupt
         bar.close()
         block.eval()

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import torch.multiprocessing as mp
 import jkoflow
 from jkoflow import DataConfig, JKOConfig, train_jko
 from jkoflow.cache import cache_bytes, choose_cache_device
+from jkoflow.checkpoint import load_state
 from jkoflow.distributed import Group, launched
 from jkoflow.run import load_data, run_jko
 
@@ -58,14 +60,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stopper(stop_at: int):
-    """A callback that raises _Stop at the ``stop_at``-th step (never for 0)."""
+def _stopper(stop_at: int, ctrl_c_at: int = 0):
+    """A callback that raises _Stop at the ``stop_at``-th step and presses Ctrl-C
+    (SIGINT to this process) at the ``ctrl_c_at``-th (never for 0)."""
     steps = []
 
     def callback(record):
         steps.append(record)
         if len(steps) == stop_at:
             raise _Stop
+        if len(steps) == ctrl_c_at:
+            os.kill(os.getpid(), signal.SIGINT)
 
     return callback
 
@@ -94,7 +99,7 @@ def _worker(rank: int, world: int, port: int, data: tuple, jobs: list[dict]):
                 except jkoflow.InputError as error:
                     (out / f"rank{rank}.txt").write_text(str(error))
                 continue
-            callback = _stopper(job.get("stop_at", 0))
+            callback = _stopper(job.get("stop_at", 0), job.get("ctrl_c_at", {}).get(rank, 0))
             try:
                 flow, history = train_jko(
                     *data,
@@ -103,7 +108,7 @@ def _worker(rank: int, world: int, port: int, data: tuple, jobs: list[dict]):
                     resume=job.get("resume", False),
                     callback=callback,
                 )
-            except _Stop:
+            except (_Stop, KeyboardInterrupt):
                 continue
             torch.save({"flow": flow.state_dict(), "history": history.to_dict()}, out / f"rank{rank}.pt")
 
@@ -129,7 +134,7 @@ HUTCHINSON = dataclasses.replace(CONFIG, block="mlp", block_options={"mlp": {"hu
 def two(data, tmp_path_factory):
     """The jobs of the tests below, run by 2 processes on gloo (one start-up)."""
     root = tmp_path_factory.mktemp("two")
-    for name in ("full", "resumed", "killed", "budget", "taken", "mlp"):
+    for name in ("full", "resumed", "killed", "ctrl-c", "budget", "taken", "mlp"):
         (root / name).mkdir()
     (root / "taken" / "config.json").write_text("{}")  # a run directory rank 0 refuses
     jobs = [
@@ -137,6 +142,7 @@ def two(data, tmp_path_factory):
         {"config": CONFIG.to_dict(), "out": str(root / "resumed"), "stop_at": 15},  # checkpoint at step 12
         {"config": CONFIG.to_dict(), "out": str(root / "resumed"), "resume": True},
         {"config": CONFIG.to_dict(), "out": str(root / "killed"), "stop_at": 15},  # resumed by one process
+        {"config": CONFIG.to_dict(), "out": str(root / "ctrl-c"), "ctrl_c_at": {1: 9}},  # on rank 1 only
         {"config": BUDGET.to_dict(), "out": str(root / "budget")},
         {"config": HUTCHINSON.to_dict(), "out": str(root / "mlp")},
         {"config": CONFIG.to_dict(), "out": str(root / "taken"), "run_jko": True},
@@ -177,6 +183,14 @@ def test_two_processes_resume_to_the_same_result(two, single):
 @needs_gloo
 def test_one_process_resumes_a_two_process_run(two, single, data):
     flow, history = train_jko(*data, checkpoint=two / "killed" / "trainer.pt", resume=True)
+    _assert_same_run([{"flow": flow.state_dict(), "history": history.to_dict()}], single)
+
+
+@needs_gloo
+def test_ctrl_c_on_one_rank_stops_all_at_the_same_step(two, single, data):
+    state = load_state(two / "ctrl-c" / "trainer.pt")  # written by rank 0 after rank 1's Ctrl-C
+    assert len(state.history["iterations"]) == 10  # pressed after step 9's vote: both stop after step 10
+    flow, history = train_jko(*data, checkpoint=two / "ctrl-c" / "trainer.pt", resume=True)
     _assert_same_run([{"flow": flow.state_dict(), "history": history.to_dict()}], single)
 
 
