@@ -17,7 +17,7 @@ import torch
 
 from . import datasets
 from .compare import compare
-from .config import CACHE_POLICIES, DTYPES, DataConfig, JKOConfig, config_from_dict
+from .config import CACHE_POLICIES, DTYPES, DataConfig, JKOConfig, config_from_dict, resolve_device
 from .distributed import launched, world_from_env
 from .errors import InputError, TrainingError
 from .flow import Flow
@@ -210,11 +210,7 @@ def _add_device(parser: argparse.ArgumentParser, what: str, default: str | None 
 
 def _loaded_flow(files: RunFiles, args: argparse.Namespace) -> Flow:
     """The run's flow on ``--device``, in ``--dtype`` when given."""
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise InputError(f"--device must be like cpu, cuda or cuda:0, got {args.device!r}") from None
-    flow = files.load_flow(device)
+    flow = files.load_flow(resolve_device(args.device))
     return flow if args.dtype is None else flow.to(dtype=DTYPES[args.dtype])
 
 

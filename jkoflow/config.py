@@ -21,6 +21,7 @@ __all__ = [
     "TrainingConfig",
     "check_positive",
     "config_from_dict",
+    "resolve_device",
     "resolve_dtype",
     "resume_config",
 ]
@@ -35,6 +36,22 @@ def resolve_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device named ``name`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``); a
+    CUDA device must exist on this machine."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"device {name!r} asked for, but torch sees no CUDA GPU on this machine")
+        if device.index is not None and device.index >= count:
+            raise InputError(f"device {name!r} asked for, but torch sees {count} CUDA GPU(s)")
+    return device
 
 
 def check_positive(config: Any, names: tuple[str, ...], kind: type) -> None:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 import blocks
 
-from .config import TrainingConfig, check_positive, resolve_dtype
+from .config import TrainingConfig, check_positive, resolve_device, resolve_dtype
 from .errors import InputError
 from .flow import Flow, as_data_tensor
 from .metrics import nll as flow_nll
@@ -135,7 +135,7 @@ def train_otflow(
         weights (eval steps ``config.eval_steps``) and an :class:`OTFlowHistory`.
     """
     config = config or OTFlowConfig()
-    like = torch.empty(0, dtype=resolve_dtype(config.dtype), device=config.device)
+    like = torch.empty(0, dtype=resolve_dtype(config.dtype), device=resolve_device(config.device))
     x_train = torch.as_tensor(x_train)
     dim = x_train.shape[1] if x_train.dim() == 2 else -1
     x_train = as_data_tensor(x_train, dim, like, "training data")

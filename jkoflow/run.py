@@ -28,7 +28,7 @@ import torch
 
 from . import datasets, distributed
 from .checkpoint import load_state
-from .config import DataConfig, JKOConfig, config_from_dict
+from .config import DataConfig, JKOConfig, config_from_dict, resolve_device
 from .errors import InputError, TrainingError
 from .flow import Flow
 from .metrics import inversion_error, nll, parameter_count
@@ -257,6 +257,7 @@ def _start_run(
 ) -> RunFiles:
     """Creates the run directory (or, with ``resume``, checks it holds a run to
     continue) and writes config.json."""
+    resolve_device(config.device)  # fail before writing anything
     if resume:
         files = RunFiles(out)
         if not files.trainer.is_file():

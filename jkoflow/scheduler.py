@@ -51,7 +51,7 @@ from blocks import Block, time_slices
 from . import distributed
 from .cache import cache_bytes, choose_cache_device, to_compute, to_store
 from .checkpoint import BlockProgress, TrainerState, data_fingerprint, load_state, save_state
-from .config import JKOConfig, config_from_dict, resolve_dtype, resume_config
+from .config import JKOConfig, config_from_dict, resolve_device, resolve_dtype, resume_config
 from .errors import InputError, TrainingError
 from .flow import Flow, as_data_tensor, chunked
 from .objectives import JKOLoss, gaussian_log_prob, jko_loss
@@ -217,7 +217,7 @@ def train_jko(
     config = config or JKOConfig()
     group = distributed.current()
     dtype = resolve_dtype(config.dtype)
-    like = torch.empty(0, dtype=dtype, device=group.device(config.device))
+    like = torch.empty(0, dtype=dtype, device=group.device(str(resolve_device(config.device))))
     host = torch.empty(0, dtype=dtype)
     x_train = torch.as_tensor(x_train)
     if saved is not None:
