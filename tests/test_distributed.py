@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import jkoflow
+import jkoflow.distributed
+import jkoflow.scheduler
 from jkoflow import DataConfig, JKOConfig, train_jko
 from jkoflow.cache import cache_bytes, choose_cache_device
 from jkoflow.checkpoint import load_state
@@ -75,6 +77,24 @@ def _stopper(stop_at: int, ctrl_c_at: int = 0):
     return callback
 
 
+def _faulty(real, faults: dict[int, str]):
+    """``real`` (jko_loss) with a NaN loss or NaN gradient at the calls in ``faults``."""
+    calls = []
+
+    def loss(block, x, *args, **kwargs):
+        terms = real(block, x, *args, **kwargs)
+        calls.append(1)
+        kind = faults.get(len(calls))
+        if kind == "loss":
+            return terms._replace(loss=terms.loss * float("nan"))
+        if kind == "gradient":
+            p = next(block.parameters())
+            return terms._replace(loss=terms.loss + 0 * torch.sqrt(p - p).sum())
+        return terms
+
+    return loss
+
+
 def _worker(rank: int, world: int, port: int, data: tuple, jobs: list[dict]):
     """One rank: runs the ``jobs`` in order in one process group. A training job
     (``config``, ``out``, optional ``stop_at``, ``resume``) saves this rank's
@@ -99,6 +119,9 @@ def _worker(rank: int, world: int, port: int, data: tuple, jobs: list[dict]):
                 except jkoflow.InputError as error:
                     (out / f"rank{rank}.txt").write_text(str(error))
                 continue
+            real = jkoflow.distributed.jko_loss
+            if rank in job.get("faults_on", ()):
+                jkoflow.distributed.jko_loss = _faulty(real, FAULTS)
             callback = _stopper(job.get("stop_at", 0), job.get("ctrl_c_at", {}).get(rank, 0))
             try:
                 flow, history = train_jko(
@@ -110,6 +133,8 @@ def _worker(rank: int, world: int, port: int, data: tuple, jobs: list[dict]):
                 )
             except (_Stop, KeyboardInterrupt):
                 continue
+            finally:
+                jkoflow.distributed.jko_loss = real
             torch.save({"flow": flow.state_dict(), "history": history.to_dict()}, out / f"rank{rank}.pt")
 
 
@@ -127,6 +152,8 @@ def single(data):
 
 
 BUDGET = dataclasses.replace(CONFIG, iters=10_000, max_seconds=0.3, refine=())
+FAULTS = {8: "gradient", 9: "loss"}  # block 2: step 1, then step 0 (after the rollback to step 0) fail
+FAULTY = dataclasses.replace(CONFIG, refine=(), checkpoint_every=5)
 HUTCHINSON = dataclasses.replace(CONFIG, block="mlp", block_options={"mlp": {"hutchinson": True}}, refine=())
 
 
@@ -134,7 +161,7 @@ HUTCHINSON = dataclasses.replace(CONFIG, block="mlp", block_options={"mlp": {"hu
 def two(data, tmp_path_factory):
     """The jobs of the tests below, run by 2 processes on gloo (one start-up)."""
     root = tmp_path_factory.mktemp("two")
-    for name in ("full", "resumed", "killed", "ctrl-c", "budget", "taken", "mlp"):
+    for name in ("full", "resumed", "killed", "ctrl-c", "budget", "taken", "mlp", "faults"):
         (root / name).mkdir()
     (root / "taken" / "config.json").write_text("{}")  # a run directory rank 0 refuses
     jobs = [
@@ -144,6 +171,7 @@ def two(data, tmp_path_factory):
         {"config": CONFIG.to_dict(), "out": str(root / "killed"), "stop_at": 15},  # resumed by one process
         {"config": CONFIG.to_dict(), "out": str(root / "ctrl-c"), "ctrl_c_at": {1: 9}},  # on rank 1 only
         {"config": BUDGET.to_dict(), "out": str(root / "budget")},
+        {"config": FAULTY.to_dict(), "out": str(root / "faults"), "faults_on": [1]},  # rank 1 only
         {"config": HUTCHINSON.to_dict(), "out": str(root / "mlp")},
         {"config": CONFIG.to_dict(), "out": str(root / "taken"), "run_jko": True},
     ]
@@ -192,6 +220,19 @@ def test_ctrl_c_on_one_rank_stops_all_at_the_same_step(two, single, data):
     assert len(state.history["iterations"]) == 10  # pressed after step 9's vote: both stop after step 10
     flow, history = train_jko(*data, checkpoint=two / "ctrl-c" / "trainer.pt", resume=True)
     _assert_same_run([{"flow": flow.state_dict(), "history": history.to_dict()}], single)
+
+
+@needs_gloo
+def test_non_finite_steps_on_one_rank_roll_back_all_like_one_process(two, data, monkeypatch):
+    monkeypatch.setattr(jkoflow.scheduler, "jko_loss", _faulty(jkoflow.scheduler.jko_loss, FAULTS))
+    with pytest.warns(RuntimeWarning, match="rolled back to step 0"):
+        _, one = train_jko(*data, config=FAULTY)
+    faults = [(f["block"], f["iter"], f["resumed_at"], f["fault"]) for f in one.faults]
+    assert faults == [(1, 1, 0, "gradient"), (1, 0, 0, "loss")]
+    for got in _ranks(two / "faults"):
+        assert got["history"]["faults"] == one.faults
+        losses = [r["loss"] for r in got["history"]["iterations"]]
+        assert losses == pytest.approx([r["loss"] for r in one.iterations], rel=1e-9, abs=0)
 
 
 @needs_gloo
