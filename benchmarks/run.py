@@ -20,20 +20,20 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks import memory, nll, step, trace
+from benchmarks import compiled, memory, nll, step, trace
 from benchmarks.common import Table
 
 __all__ = ["DEFAULT", "NAMES", "main"]
 
-NAMES = ("trace", "step", "memory", "nll")
-DEFAULT = ("trace", "step", "memory")  # nll (compare) is long: opt in with --only
+NAMES = ("trace", "step", "memory", "nll", "compile")
+DEFAULT = ("trace", "step", "memory")  # nll (~30 min) and compile (~1 min each): opt in with --only
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="jkoflow performance suite: (a) trace cost, (b) training step, (c) memory per block, "
-        "(d) time to NLL.",
+        "(d) time to NLL, (e) torch.compile.",
     )
     parser.add_argument(
         "--only",
@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", const="quick", dest="size", help="~1 minute smoke run")
     size.add_argument(
-        "--size", choices=("full", "quick", "smoke"), default="full", help="size preset (default %(default)s)"
+        "--size",
+        choices=("full", "quick", "smoke"),
+        help="size preset (default full; smoke: tiny, for tests)",
     )
     parser.add_argument("--out", default="runs/benchmarks", help="output directory (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
@@ -76,6 +78,7 @@ def _load() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.size = args.size or "full"
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in NAMES]
     if unknown or not names:
@@ -104,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sizes["budget_batches"] = args.nll_batches
             table = nll.run(out, **sizes)
         else:
-            module = {"trace": trace, "step": step, "memory": memory}[name]
+            module = {"trace": trace, "step": step, "memory": memory, "compile": compiled}[name]
             table = module.run(**module.SIZES[args.size])
         table.notes.append(f"({time.perf_counter() - tick:.0f} s, load average after: {_load()})")
         table.write(out)
