@@ -80,3 +80,12 @@ def test_interleaved_medians_orders_by_cost():
     seconds = interleaved_medians({"short": lambda: time.sleep(0.002), "long": lambda: time.sleep(0.02)}, 3)
     assert seconds["short"] == pytest.approx(0.002, abs=0.015)
     assert seconds["long"] > seconds["short"] + 0.01
+
+
+def test_compile_benchmark_smoke():
+    from benchmarks import compiled
+
+    table = compiled.run(**compiled.SIZES["smoke"], backend="eager")  # dynamo only: no code generation
+    assert [r["variant"] for r in table.rows] == ["eager", "compiled", "compiled, new block"]
+    assert all(r["ms_per_step"] > 0 and r["first_step_s"] > 0 for r in table.rows)
+    assert table.rows[0]["speedup"] == 1.0
