@@ -33,7 +33,7 @@ __all__ = ["SIZES", "peak_allocated", "run"]
 
 SIZES = {
     "full": {"n_blocks": 6, "n_samples": 20_000, "iters": 10},
-    "quick": {"n_blocks": 6, "n_samples": 5_000, "iters": 3},
+    "quick": {"n_blocks": 4, "n_samples": 2_000, "iters": 2},
     "smoke": {"n_blocks": 2, "n_samples": 400, "iters": 2, "width": 8, "batch_size": 64},
 }
 

@@ -27,7 +27,7 @@ __all__ = ["SIZES", "run"]
 
 SIZES = {
     "full": {"dims": (2, 43), "repeats": 5},
-    "quick": {"dims": (2, 43), "repeats": 3},
+    "quick": {"dims": (2, 43), "repeats": 2},
     "smoke": {"dims": (2,), "repeats": 1, "width": 8, "batch": 32},
 }
 
