@@ -3,7 +3,6 @@
 import csv
 import time
 
-import pytest
 import torch
 
 from benchmarks import run
@@ -77,9 +76,10 @@ def test_peak_allocated_sees_a_known_allocation():
 
 
 def test_interleaved_medians_orders_by_cost():
-    seconds = interleaved_medians({"short": lambda: time.sleep(0.002), "long": lambda: time.sleep(0.02)}, 3)
-    assert seconds["short"] == pytest.approx(0.002, abs=0.015)
-    assert seconds["long"] > seconds["short"] + 0.01
+    seconds = interleaved_medians({"short": lambda: time.sleep(0.001), "long": lambda: time.sleep(0.05)}, 3)
+    assert set(seconds) == {"short", "long"}
+    assert seconds["short"] >= 0.001 and seconds["long"] >= 0.05  # sleep never returns early
+    assert seconds["long"] > seconds["short"]
 
 
 def test_compile_benchmark_smoke():
