@@ -20,7 +20,7 @@ from .config import DataConfig, JKOConfig, config_from_dict
 from .errors import InputError
 from .metrics import inversion_error, nll
 from .otflow import OTFLOW_PRESETS, OTFlowConfig
-from .run import RunFiles, load_data, read_json, run_jko, run_otflow, write_json, write_plots
+from .run import RunFiles, load_data, read_json, run_jko, run_otflow, target_kl, write_json, write_plots
 
 __all__ = ["main"]
 
@@ -270,8 +270,9 @@ def _compare(args: argparse.Namespace) -> None:
         args.out, data_config, jko_config, otflow_config, args.threads, args.overwrite, not args.quiet
     )
     for row in rows:
+        kl = "" if row["kl"] is None else f"  KL {row['kl']:.4f} ± {row['kl_stderr']:.4f}"
         print(
-            f"{row['method']:>8}: test NLL {row['test_nll']:.4f}  MMD² {row['mmd2']:.2e}  "
+            f"{row['method']:>8}: test NLL {row['test_nll']:.4f}{kl}  MMD² {row['mmd2']:.2e}  "
             f"W2 {row['w2']:.4f}  {row['n_batches']} batches  {row['train_seconds']:.0f} s"
         )
     print(f"wrote {args.out}/compare.md, compare.csv, compare.png")
@@ -297,7 +298,8 @@ def _eval(args: argparse.Namespace) -> None:
             raise InputError(f"--eval-steps must be a positive integer, got {args.eval_steps}")
         flow.steps = args.eval_steps
     data_config = files.data_config()
-    if args.data is None or args.data == data_config.name:
+    name = data_config.name if args.data is None else args.data
+    if name == data_config.name:
         x = load_data(data_config)[2]
         source = f"{data_config.name} (the run's test split)"
     else:
@@ -313,11 +315,14 @@ def _eval(args: argparse.Namespace) -> None:
         "eval_steps": flow.steps,
         "inversion_error": inversion_error(flow, x[:n_inv]),
         "inversion_error_rows": n_inv,
+        **target_kl(flow, name, x),
     }
     print(
         f"NLL {result['nll']:.4f} nats/sample ({result['eval_steps']} RK4 steps/block, "
         f"{result['rows']} rows of {source}); inversion error {result['inversion_error']:.3e}"
     )
+    if "kl" in result:
+        print(f"KL(data ‖ model) {result['kl']:.4f} ± {result['kl_stderr']:.4f} nats (exact data density)")
     write_json(files.root / "eval.json", result)
 
 

@@ -13,9 +13,10 @@ import numpy as np
 
 from ..errors import InputError
 from .files import SUPPORTED_SUFFIXES, load_array
+from .targets import Target, is_target, target
 from .toys import TOYS, toy
 
-__all__ = ["TOYS", "TOY_NAMES", "load", "load_array", "split", "toy"]
+__all__ = ["TOYS", "TOY_NAMES", "Target", "is_target", "load", "load_array", "split", "target", "toy"]
 
 TOY_NAMES: tuple[str, ...] = tuple(TOYS)
 
@@ -31,7 +32,9 @@ def load(name_or_path: str | os.PathLike[str], n: int = 120_000, seed: int = 0) 
     """Load a data set as float64 of shape (n, d).
 
     A toy name (see ``TOY_NAMES``) gives ``n`` samples of shape (n, 2) drawn from
-    ``np.random.default_rng(seed)``; otherwise ``name_or_path`` is a path to a
+    ``np.random.default_rng(seed)``, a target spec (``gmm:d=8,k=5,seed=0``,
+    ``banana:d=8``; see :mod:`.targets`) ``n`` samples of shape (n, d) drawn the same
+    way; otherwise ``name_or_path`` is a path to a
     ``.npy`` or ``.csv`` file, read by :func:`load_array` (``n`` and ``seed`` unused).
 
     Example:
@@ -45,6 +48,8 @@ def load(name_or_path: str | os.PathLike[str], n: int = 120_000, seed: int = 0) 
     seed = _check_int(seed, "seed", 0)
     if isinstance(name_or_path, str) and name_or_path in TOYS:
         return toy(name_or_path, n, np.random.default_rng(seed))
+    if is_target(name_or_path):
+        return target(name_or_path).sample(n, np.random.default_rng(seed))
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise InputError(
             f"invalid data {name_or_path!r}: expected a toy name ({', '.join(TOY_NAMES)}) "
