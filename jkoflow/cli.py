@@ -58,6 +58,7 @@ DATA_HELP = {
     "n_samples": "number of samples drawn from a toy data set",
     "val_fraction": "fraction of rows held out for validation",
     "test_fraction": "fraction of rows held out for testing",
+    "data_root": "directory of the tabular sets (power/data.npy, ...; default: $JKOFLOW_DATA or data)",
 }
 OTFLOW_HELP = {
     "block": "block type (a potential block when --alpha-r > 0)",
@@ -80,6 +81,10 @@ OTFLOW_HELP = {
     "device": "torch device: cpu, cuda, cuda:N",
     "dtype": "float32 or float64",
 }
+DATA_CHOICES = (
+    f"toy name ({', '.join(datasets.TOY_NAMES)}), target spec (gmm:d=8,k=5,seed=0, banana:d=8,b=0.25), "
+    f"tabular set ({', '.join(datasets.TABULAR_NAMES)}) or a .npy/.csv file"
+)
 CHOICES = {"transport": ("path", "endpoint"), "dtype": ("float32", "float64")}
 CONFIG_FILE_KEYS = {"method", "data", "train", "otflow", "threads", "versions"}
 
@@ -145,6 +150,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="test NLL and inversion error of a trained flow")
     evaluate.add_argument("run", help="run directory")
     evaluate.add_argument("--data", help="data to evaluate on (default: the run's own test split)")
+    evaluate.add_argument("--data-root", help="directory of the tabular sets (default: the run's)")
     evaluate.add_argument(
         "--n-samples", type=int, default=20000, help="samples drawn when --data is a toy name"
     )
@@ -164,7 +170,7 @@ def _add_run_parser(sub: Any, name: str, help: str, sections: str) -> argparse.A
     """A verb that creates a run: --data, --out, --config, --seed, --overwrite
     and the data options."""
     parser = sub.add_parser(name, help=help)
-    parser.add_argument("--data", help="toy name (" + ", ".join(datasets.TOY_NAMES) + ") or a .npy/.csv file")
+    parser.add_argument("--data", help=DATA_CHOICES)
     parser.add_argument("--out", required=True, help="directory to create")
     parser.add_argument("--config", help=f"JSON file with {sections} sections (e.g. a run's config.json)")
     parser.add_argument(
@@ -298,12 +304,14 @@ def _eval(args: argparse.Namespace) -> None:
             raise InputError(f"--eval-steps must be a positive integer, got {args.eval_steps}")
         flow.steps = args.eval_steps
     data_config = files.data_config()
+    if args.data_root is not None:
+        data_config = dataclasses.replace(data_config, data_root=args.data_root)
     name = data_config.name if args.data is None else args.data
     if name == data_config.name:
         x = load_data(data_config)[2]
         source = f"{data_config.name} (the run's test split)"
     else:
-        x = datasets.load(args.data, n=args.n_samples, seed=args.seed)
+        x = datasets.load(args.data, n=args.n_samples, seed=args.seed, root=data_config.data_root)
         source = args.data
     if x.shape[1] != flow.dim:
         raise InputError(f"data {source} have {x.shape[1]} columns but the flow has dimension {flow.dim}")

@@ -121,8 +121,14 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def load_data(config: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The (train, val, test) split that a :class:`DataConfig` describes."""
-    x = datasets.load(config.name, n=config.n_samples, seed=config.seed)
-    return datasets.split(x, config.val_fraction, config.test_fraction, seed=config.seed)
+    return datasets.load_split(
+        config.name,
+        config.n_samples,
+        config.seed,
+        config.val_fraction,
+        config.test_fraction,
+        config.data_root,
+    )
 
 
 def target_kl(flow: Flow, data_name: str, x: np.ndarray) -> dict[str, Any]:
