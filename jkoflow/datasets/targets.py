@@ -26,7 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import InputError
-from .toys import toy
+from .toys import EIGHT_GAUSSIANS_CENTRES, EIGHT_GAUSSIANS_DIVISOR, EIGHT_GAUSSIANS_STD, toy
 
 __all__ = [
     "TARGET_KINDS",
@@ -153,10 +153,9 @@ class Checkerboard:
 
 
 def _eight_gaussians_mixture() -> GaussianMixture:
-    s = 1.0 / math.sqrt(2.0)
-    centres = 4.0 * np.array([(1, 0), (-1, 0), (0, 1), (0, -1), (s, s), (s, -s), (-s, s), (-s, -s)])
-    chols = np.broadcast_to((0.5 / 1.414) * np.eye(2), (8, 2, 2)).copy()
-    return GaussianMixture(centres / 1.414, chols, np.full(8, 1.0 / 8))
+    std = EIGHT_GAUSSIANS_STD / EIGHT_GAUSSIANS_DIVISOR
+    chols = np.broadcast_to(std * np.eye(2), (8, 2, 2)).copy()
+    return GaussianMixture(EIGHT_GAUSSIANS_CENTRES / EIGHT_GAUSSIANS_DIVISOR, chols, np.full(8, 1.0 / 8))
 
 
 @dataclass(frozen=True)
