@@ -55,7 +55,7 @@ TRAIN_HELP = {
     "dtype": "float32 or float64",
 }
 DATA_HELP = {
-    "n_samples": "number of samples drawn from a toy data set",
+    "n_samples": "number of samples drawn from a toy or target spec",
     "val_fraction": "fraction of rows held out for validation",
     "test_fraction": "fraction of rows held out for testing",
     "data_root": "directory of the tabular sets (power/data.npy, ...; default: $JKOFLOW_DATA or data)",
@@ -152,9 +152,9 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="data to evaluate on (default: the run's own test split)")
     evaluate.add_argument("--data-root", help="directory of the tabular sets (default: the run's)")
     evaluate.add_argument(
-        "--n-samples", type=int, default=20000, help="samples drawn when --data is a toy name"
+        "--n-samples", type=int, default=20000, help="samples drawn when --data is a toy or target spec"
     )
-    evaluate.add_argument("--seed", type=int, default=1, help="seed when --data is a toy name")
+    evaluate.add_argument("--seed", type=int, default=1, help="seed when --data is a toy or target spec")
     evaluate.add_argument(
         "--eval-steps", type=int, default=None, help="RK4 steps per block (default: the run's)"
     )
