@@ -50,10 +50,13 @@ def check_positive(config: Any, names: tuple[str, ...], kind: type) -> None:
 class DataConfig:
     """Where the data of a run come from and how they are split.
 
-    ``name`` is a toy name (``n_samples`` are drawn with ``seed``) or a path to
-    a ``.npy``/``.csv`` file of shape (n, d); the rows are split at random
-    (``seed``) into train, validation (``val_fraction``) and test
-    (``test_fraction``).
+    ``name`` is a toy name or a target spec such as ``gmm:d=8,k=5,seed=0``
+    (``n_samples`` are drawn with ``seed``) or a path to a ``.npy``/``.csv``
+    file of shape (n, d); the rows are split at random (``seed``) into train,
+    validation (``val_fraction``) and test (``test_fraction``). A tabular set
+    (``power``, ``gas``, ``hepmass``, ``miniboone``, ``bsds300``) is read
+    under ``data_root`` (empty: ``$JKOFLOW_DATA``, else ``data``) with its
+    standard preprocessing and split.
     """
 
     name: str = "checkerboard"
@@ -61,6 +64,7 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 0
+    data_root: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -68,6 +72,8 @@ class DataConfig:
         check_positive(self, ("n_samples",), int)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.data_root, str):
+            raise InputError(f"data_root must be a directory path, got {self.data_root!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
