@@ -45,7 +45,8 @@ TRAIN_HELP = {
     "transport": "transport cost: 'path' (kinetic energy) or 'endpoint' (|T(x)-x|^2/2)",
     "reparam_iters": "reparametrisation iterations of h after the initial pass (0: none)",
     "reparam_tol": "stop reparametrising once max|W_k - mean W|/mean W is below this",
-    "reparam_eta": "damping of the h update h_k += eta (h_k mean(W)/W_k - h_k)",
+    "reparam_eta": "damping of the h update h_k += eta (h*_k - h_k)",
+    "reparam_rule": "target h*: 'ratio' (h_k mean(W)/W_k) or 'arclength' (equal W along the cumulative time)",
     "h_min": "smallest step size allowed by the reparametrisation",
     "refine": "refinement stages: split every block into C time slices (one C per stage)",
     "stage_iters": "Adam steps per block in reparametrisation/refinement stages (0: --iters)",
@@ -90,7 +91,11 @@ DATA_CHOICES = (
     f"toy name ({', '.join(datasets.TOY_NAMES)}), target spec (gmm:d=8,k=5,seed=0, banana:d=8,b=0.25), "
     f"tabular set ({', '.join(datasets.TABULAR_NAMES)}) or a .npy/.csv file"
 )
-CHOICES = {"transport": ("path", "endpoint"), "dtype": ("float32", "float64")}
+CHOICES = {
+    "transport": ("path", "endpoint"),
+    "reparam_rule": ("ratio", "arclength"),
+    "dtype": ("float32", "float64"),
+}
 CONFIG_FILE_KEYS = {"method", "data", "train", "otflow", "threads", "versions"}
 
 

@@ -194,8 +194,10 @@ class JKOConfig(TrainingConfig):
     ``eval_steps`` for pushing, NLL and sampling.
 
     Stages after the initial pass (DESIGN.md §4): up to ``reparam_iters``
-    reparametrisation iterations, h_k ← clip(h_k + η(h_k·S̄/S_k − h_k),
-    ``h_min``, ``h_max``) with η = ``reparam_eta``, until the spread
+    reparametrisation iterations, h_k ← clip(h_k + η(h*_k − h_k), ``h_min``,
+    ``h_max``) with η = ``reparam_eta`` and h*_k = h_k·S̄/S_k
+    (``reparam_rule="ratio"``) or the equal-arc-length cut of the cumulative
+    time (``"arclength"``, :func:`jkoflow.scheduler.reparametrize`), until the spread
     max|S_k − S̄|/S̄ < ``reparam_tol``; then one refinement stage per entry c of
     ``refine`` (every block split into c time slices trained at h_k/c). Blocks
     retrained in these stages get ``stage_iters`` Adam steps (0: ``iters``).
@@ -225,6 +227,7 @@ class JKOConfig(TrainingConfig):
     reparam_iters: int = 0
     reparam_tol: float = 0.15
     reparam_eta: float = 0.5
+    reparam_rule: str = "ratio"
     h_min: float = 0.05
     refine: tuple[int, ...] = ()
     block_types: tuple[str, ...] = ()
@@ -256,6 +259,8 @@ class JKOConfig(TrainingConfig):
             isinstance(c, bool) or not isinstance(c, int) or c < 2 for c in self.refine
         ):
             raise InputError(f"refine factors must be integers ≥ 2, got {self.refine!r}")
+        if self.reparam_rule not in ("ratio", "arclength"):
+            raise InputError(f"reparam_rule must be 'ratio' or 'arclength', got {self.reparam_rule!r}")
         if self.transport not in ("path", "endpoint"):
             raise InputError(f"transport must be 'path' or 'endpoint', got {self.transport!r}")
 
