@@ -23,7 +23,7 @@ from .errors import InputError, TrainingError
 from .flow import Flow
 from .metrics import inversion_error, nll
 from .otflow import OTFLOW_PRESETS, OTFlowConfig
-from .run import RunFiles, load_data, read_json, run_jko, run_otflow, write_json, write_plots
+from .run import RunFiles, load_data, read_json, run_jko, run_otflow, target_kl, write_json, write_plots
 
 __all__ = ["main"]
 
@@ -47,7 +47,8 @@ TRAIN_HELP = {
     "transport": "transport cost: 'path' (kinetic energy) or 'endpoint' (|T(x)-x|^2/2)",
     "reparam_iters": "reparametrisation iterations of h after the initial pass (0: none)",
     "reparam_tol": "stop reparametrising once max|W_k - mean W|/mean W is below this",
-    "reparam_eta": "damping of the h update h_k += eta (h_k mean(W)/W_k - h_k)",
+    "reparam_eta": "damping of the h update h_k += eta (h*_k - h_k)",
+    "reparam_rule": "target h*: 'ratio' (h_k mean(W)/W_k) or 'arclength' (equal W along the cumulative time)",
     "h_min": "smallest step size allowed by the reparametrisation",
     "refine": "refinement stages: split every block into C time slices (one C per stage)",
     "stage_iters": "Adam steps per block in reparametrisation/refinement stages (0: --iters)",
@@ -63,9 +64,10 @@ TRAIN_HELP = {
     "dtype": "float32 or float64",
 }
 DATA_HELP = {
-    "n_samples": "number of samples drawn from a toy data set",
+    "n_samples": "number of samples drawn from a toy or target spec",
     "val_fraction": "fraction of rows held out for validation",
     "test_fraction": "fraction of rows held out for testing",
+    "data_root": "directory of the tabular sets (power/data.npy, ...; default: $JKOFLOW_DATA or data)",
 }
 OTFLOW_HELP = {
     "block": "block type (a potential block when --alpha-r > 0)",
@@ -88,7 +90,16 @@ OTFLOW_HELP = {
     "device": "torch device: cpu, cuda, cuda:N",
     "dtype": "float32 or float64",
 }
-CHOICES = {"transport": ("path", "endpoint"), "dtype": tuple(DTYPES), "cache_device": CACHE_POLICIES}
+DATA_CHOICES = (
+    f"toy name ({', '.join(datasets.TOY_NAMES)}), target spec (gmm:d=8,k=5,seed=0, banana:d=8,b=0.25), "
+    f"tabular set ({', '.join(datasets.TABULAR_NAMES)}) or a .npy/.csv file"
+)
+CHOICES = {
+    "transport": ("path", "endpoint"),
+    "reparam_rule": ("ratio", "arclength"),
+    "dtype": tuple(DTYPES),
+    "cache_device": CACHE_POLICIES,
+}
 CONFIG_FILE_KEYS = {"method", "data", "train", "otflow", "threads", "versions"}
 
 
@@ -157,10 +168,11 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="test NLL and inversion error of a trained flow")
     evaluate.add_argument("run", help="run directory")
     evaluate.add_argument("--data", help="data to evaluate on (default: the run's own test split)")
+    evaluate.add_argument("--data-root", help="directory of the tabular sets (default: the run's)")
     evaluate.add_argument(
-        "--n-samples", type=int, default=20000, help="samples drawn when --data is a toy name"
+        "--n-samples", type=int, default=20000, help="samples drawn when --data is a toy or target spec"
     )
-    evaluate.add_argument("--seed", type=int, default=1, help="seed when --data is a toy name")
+    evaluate.add_argument("--seed", type=int, default=1, help="seed when --data is a toy or target spec")
     evaluate.add_argument(
         "--eval-steps", type=int, default=None, help="RK4 steps per block (default: the run's)"
     )
@@ -180,7 +192,7 @@ def _add_run_parser(
     """A verb that creates a run: --data, --out, --config, --seed, --overwrite
     and the data options; with ``resumable`` also --resume DIR instead of --out."""
     parser = sub.add_parser(name, help=help)
-    parser.add_argument("--data", help="toy name (" + ", ".join(datasets.TOY_NAMES) + ") or a .npy/.csv file")
+    parser.add_argument("--data", help=DATA_CHOICES)
     if resumable:
         where = parser.add_mutually_exclusive_group(required=True)
         where.add_argument("--out", help="directory to create")
@@ -343,8 +355,9 @@ def _compare(args: argparse.Namespace) -> None:
         args.out, data_config, jko_config, otflow_config, args.threads, args.overwrite, not args.quiet
     )
     for row in rows:
+        kl = "" if row["kl"] is None else f"  KL {row['kl']:.4f} ± {row['kl_stderr']:.4f}"
         print(
-            f"{row['method']:>8}: test NLL {row['test_nll']:.4f}  MMD² {row['mmd2']:.2e}  "
+            f"{row['method']:>8}: test NLL {row['test_nll']:.4f}{kl}  MMD² {row['mmd2']:.2e}  "
             f"W2 {row['w2']:.4f}  {row['n_batches']} batches  {row['train_seconds']:.0f} s"
         )
     print(f"wrote {args.out}/compare.md, compare.csv, compare.png")
@@ -370,11 +383,14 @@ def _eval(args: argparse.Namespace) -> None:
             raise InputError(f"--eval-steps must be a positive integer, got {args.eval_steps}")
         flow.steps = args.eval_steps
     data_config = files.data_config()
-    if args.data is None or args.data == data_config.name:
+    if args.data_root is not None:
+        data_config = dataclasses.replace(data_config, data_root=args.data_root)
+    name = data_config.name if args.data is None else args.data
+    if name == data_config.name:
         x = load_data(data_config)[2]
         source = f"{data_config.name} (the run's test split)"
     else:
-        x = datasets.load(args.data, n=args.n_samples, seed=args.seed)
+        x = datasets.load(args.data, n=args.n_samples, seed=args.seed, root=data_config.data_root)
         source = args.data
     if x.shape[1] != flow.dim:
         raise InputError(f"data {source} have {x.shape[1]} columns but the flow has dimension {flow.dim}")
@@ -386,11 +402,14 @@ def _eval(args: argparse.Namespace) -> None:
         "eval_steps": flow.steps,
         "inversion_error": inversion_error(flow, x[:n_inv]),
         "inversion_error_rows": n_inv,
+        **target_kl(flow, name, x),
     }
     print(
         f"NLL {result['nll']:.4f} nats/sample ({result['eval_steps']} RK4 steps/block, "
         f"{result['rows']} rows of {source}); inversion error {result['inversion_error']:.3e}"
     )
+    if "kl" in result:
+        print(f"KL(data ‖ model) {result['kl']:.4f} ± {result['kl_stderr']:.4f} nats (exact data density)")
     write_json(files.root / "eval.json", result)
 
 

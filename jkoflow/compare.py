@@ -21,13 +21,15 @@ from .errors import InputError
 from .metrics import mmd2, wasserstein2
 from .otflow import OTFlowConfig
 from .plots import plot_comparison
-from .run import RunFiles, load_data, read_json, run_jko, run_otflow
+from .run import RunFiles, load_data, read_json, run_jko, run_otflow, target_kl
 
 __all__ = ["COLUMNS", "compare", "time_to_reach", "write_comparison"]
 
 COLUMNS = (
     "method",
     "test_nll",
+    "kl",
+    "kl_stderr",
     "mmd2",
     "w2",
     "inversion_error",
@@ -116,10 +118,13 @@ def write_comparison(out: str | os.PathLike, n_metric: int = 2000) -> list[dict[
             sample_seconds = time.perf_counter() - start
         samples[name] = drawn
         summary = summaries[name]
+        kl = target_kl(flow, data_config.name, x_test)
         rows.append(
             {
                 "method": name,
                 "test_nll": summary["test_nll"],
+                "kl": kl.get("kl"),
+                "kl_stderr": kl.get("kl_stderr"),
                 "mmd2": mmd2(drawn[:n], x_test[:n], bandwidth=bandwidth).mmd2,
                 "w2": wasserstein2(drawn[:n], x_test[:n], method="exact").value,
                 "inversion_error": summary["inversion_error"],
@@ -151,16 +156,19 @@ def _markdown(
     n: int,
 ) -> str:
     steps = {name: s["eval_steps"] for name, s in summaries.items()}
+    has_kl = rows[0]["kl"] is not None
+    kl_head, kl_rule = (" KL(data ‖ model) (nats) |", " --- |") if has_kl else ("", "")
     lines = [
         f"# jkoflow vs OT-Flow on {data_config.name} (seed {data_config.seed})",
         "",
-        "| method | test NLL (nats) | MMD² | W2 | inversion error | params | mini-batches | train s "
-        "| sample s / 10k |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| method | test NLL (nats) |{kl_head} MMD² | W2 | inversion error | params | mini-batches "
+        "| train s | sample s / 10k |",
+        f"| --- | --- |{kl_rule} --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        kl = f" {r['kl']:.4f} ± {r['kl_stderr']:.4f} |" if has_kl else ""
         lines.append(
-            f"| {r['method']} | {r['test_nll']:.4f} | {r['mmd2']:.2e} | {r['w2']:.4f} | "
+            f"| {r['method']} | {r['test_nll']:.4f} |{kl} {r['mmd2']:.2e} | {r['w2']:.4f} | "
             f"{r['inversion_error']:.1e} | {r['n_parameters']} | {r['n_batches']} | "
             f"{r['train_seconds']:.0f} | {r['sample_seconds_per_10k']:.2f} |"
         )
@@ -173,7 +181,13 @@ def _markdown(
         f"Test NLL with {steps['jkoflow']} (jkoflow, per block) and {steps['OT-Flow']} (OT-Flow) RK4 steps, "
         "Gaussian constant included. MMD²: unbiased, Gaussian kernel with bandwidth "
         f"σ = {bandwidth:.4f} (median heuristic on the test data), {n} model samples vs {n} test points. "
-        f"W2: exact (POT `ot.emd2`), {n} vs {n} points.",
+        f"W2: exact (POT `ot.emd2`), {n} vs {n} points."
+        + (
+            " KL(data ‖ model) = E[log p_data − log p_model] over the test split "
+            "(exact data density), ± its standard error."
+            if has_kl
+            else ""
+        ),
         "",
         f"OT-Flow kept its best validation checkpoint at {best['n_batches']} batches, "
         f"{best['seconds']:.0f} s (test NLL {target:.4f}).",

@@ -68,10 +68,13 @@ def check_positive(config: Any, names: tuple[str, ...], kind: type) -> None:
 class DataConfig:
     """Where the data of a run come from and how they are split.
 
-    ``name`` is a toy name (``n_samples`` are drawn with ``seed``) or a path to
-    a ``.npy``/``.csv`` file of shape (n, d); the rows are split at random
-    (``seed``) into train, validation (``val_fraction``) and test
-    (``test_fraction``).
+    ``name`` is a toy name or a target spec such as ``gmm:d=8,k=5,seed=0``
+    (``n_samples`` are drawn with ``seed``) or a path to a ``.npy``/``.csv``
+    file of shape (n, d); the rows are split at random (``seed``) into train,
+    validation (``val_fraction``) and test (``test_fraction``). A tabular set
+    (``power``, ``gas``, ``hepmass``, ``miniboone``, ``bsds300``) is read
+    under ``data_root`` (empty: ``$JKOFLOW_DATA``, else ``data``) with its
+    standard preprocessing and split.
     """
 
     name: str = "checkerboard"
@@ -79,6 +82,7 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 0
+    data_root: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -86,6 +90,8 @@ class DataConfig:
         check_positive(self, ("n_samples",), int)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.data_root, str):
+            raise InputError(f"data_root must be a directory path, got {self.data_root!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -206,8 +212,10 @@ class JKOConfig(TrainingConfig):
     ``eval_steps`` for pushing, NLL and sampling.
 
     Stages after the initial pass (DESIGN.md §4): up to ``reparam_iters``
-    reparametrisation iterations, h_k ← clip(h_k + η(h_k·S̄/S_k − h_k),
-    ``h_min``, ``h_max``) with η = ``reparam_eta``, until the spread
+    reparametrisation iterations, h_k ← clip(h_k + η(h*_k − h_k), ``h_min``,
+    ``h_max``) with η = ``reparam_eta`` and h*_k = h_k·S̄/S_k
+    (``reparam_rule="ratio"``) or the equal-arc-length cut of the cumulative
+    time (``"arclength"``, :func:`jkoflow.scheduler.reparametrize`), until the spread
     max|S_k − S̄|/S̄ < ``reparam_tol``; then one refinement stage per entry c of
     ``refine`` (every block split into c time slices trained at h_k/c). Blocks
     retrained in these stages get ``stage_iters`` Adam steps (0: ``iters``).
@@ -242,6 +250,7 @@ class JKOConfig(TrainingConfig):
     reparam_iters: int = 0
     reparam_tol: float = 0.15
     reparam_eta: float = 0.5
+    reparam_rule: str = "ratio"
     h_min: float = 0.05
     refine: tuple[int, ...] = ()
     block_types: tuple[str, ...] = ()
@@ -274,6 +283,8 @@ class JKOConfig(TrainingConfig):
             isinstance(c, bool) or not isinstance(c, int) or c < 2 for c in self.refine
         ):
             raise InputError(f"refine factors must be integers ≥ 2, got {self.refine!r}")
+        if self.reparam_rule not in ("ratio", "arclength"):
+            raise InputError(f"reparam_rule must be 'ratio' or 'arclength', got {self.reparam_rule!r}")
         if self.transport not in ("path", "endpoint"):
             raise InputError(f"transport must be 'path' or 'endpoint', got {self.transport!r}")
         if self.cache_device not in CACHE_POLICIES:

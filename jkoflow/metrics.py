@@ -11,7 +11,18 @@ import torch
 
 from .flow import Flow, as_data_tensor
 
-__all__ = ["MMDResult", "W2Result", "inversion_error", "mmd2", "nll", "parameter_count", "wasserstein2"]
+__all__ = [
+    "KLResult",
+    "MMDResult",
+    "W2Result",
+    "data_kl",
+    "inversion_error",
+    "kl_divergence",
+    "mmd2",
+    "nll",
+    "parameter_count",
+    "wasserstein2",
+]
 
 
 @torch.no_grad()
@@ -28,6 +39,43 @@ def inversion_error(flow: Flow, x: Any, chunk_size: int = 16384) -> float:
     x = as_data_tensor(x, flow.dim, flow.shift)
     z, _ = flow(x, chunk_size)
     return float((flow.inverse(z, chunk_size) - x).norm(dim=1).mean())
+
+
+class KLResult(NamedTuple):
+    """A Monte Carlo KL estimate (nats) with its standard error, from ``n`` points."""
+
+    value: float
+    stderr: float
+    n: int
+
+
+def kl_divergence(log_p_data: Any, log_p_model: Any) -> KLResult:
+    """KL(p_data ‖ p_model) = E[log p_data(x) − log p_model(x)] estimated on points
+    x ~ p_data: ``log_p_data`` and ``log_p_model`` are the two log-densities at the
+    same n points (shape (n,), nats); stderr = std(diff)/sqrt(n) (ddof 1).
+
+    Example:
+        >>> kl_divergence([0.0, -1.0], [-1.0, -2.0])
+        KLResult(value=1.0, stderr=0.0, n=2)
+    """
+    a, b = (
+        np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
+        for v in (log_p_data, log_p_model)
+    )
+    if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
+        raise ValueError(
+            f"need two log-density vectors of one shape (n,), n ≥ 2; got {a.shape} and {b.shape}"
+        )
+    diff = a - b
+    return KLResult(float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff))), len(diff))
+
+
+@torch.no_grad()
+def data_kl(flow: Flow, log_p_data: Any, x: Any, chunk_size: int = 16384) -> KLResult:
+    """KL(p_data ‖ flow) on samples x (n, d) of p_data whose exact log-density at x is
+    ``log_p_data`` (n,)."""
+    x = as_data_tensor(x, flow.dim, flow.shift)
+    return kl_divergence(log_p_data, flow.log_prob(x, chunk_size))
 
 
 def parameter_count(flow: Flow) -> int:

@@ -31,7 +31,7 @@ from .checkpoint import load_state
 from .config import DataConfig, JKOConfig, config_from_dict, resolve_device
 from .errors import InputError, TrainingError
 from .flow import Flow
-from .metrics import inversion_error, nll, parameter_count
+from .metrics import data_kl, inversion_error, nll, parameter_count
 from .otflow import OTFlowConfig, train_otflow
 from .plots import plot_h_per_block, plot_samples, plot_validation_curve, plot_w2_per_block
 from .scheduler import JKOHistory, train_jko
@@ -46,6 +46,7 @@ __all__ = [
     "run_otflow",
     "stage_checkpoint",
     "summarize",
+    "target_kl",
     "versions",
     "write_json",
     "write_plots",
@@ -126,8 +127,23 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def load_data(config: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The (train, val, test) split that a :class:`DataConfig` describes."""
-    x = datasets.load(config.name, n=config.n_samples, seed=config.seed)
-    return datasets.split(x, config.val_fraction, config.test_fraction, seed=config.seed)
+    return datasets.load_split(
+        config.name,
+        config.n_samples,
+        config.seed,
+        config.val_fraction,
+        config.test_fraction,
+        config.data_root,
+    )
+
+
+def target_kl(flow: Flow, data_name: str, x: np.ndarray) -> dict[str, Any]:
+    """``{"kl": …, "kl_stderr": …, "kl_rows": n}``: KL(p_data ‖ flow) on the points x
+    (n, d) when ``data_name`` has a known density (:func:`datasets.is_target`), else ``{}``."""
+    if not datasets.is_target(data_name):
+        return {}
+    result = data_kl(flow, datasets.target(data_name).log_prob(x), x)
+    return {"kl": result.value, "kl_stderr": result.stderr, "kl_rows": result.n}
 
 
 def versions() -> dict[str, str]:
@@ -353,6 +369,7 @@ def run_jko(
                 error.block_index,
             ) from None
     summary = summarize(flow, history, x_test, time.perf_counter() - start)
+    summary.update(target_kl(flow, data_config.name, x_test))
     return _finish_run(files, flow, history.to_dict(), summary, x_test, data_config.seed)
 
 
@@ -400,5 +417,6 @@ def run_otflow(
         "inversion_error": inversion_error(flow, x_test[:n_inv]),
         "inversion_error_rows": n_inv,
         "n_parameters": parameter_count(flow),
+        **target_kl(flow, data_config.name, x_test),
     }
     return _finish_run(files, flow, history.to_dict(), summary, x_test, data_config.seed)

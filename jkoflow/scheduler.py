@@ -131,12 +131,30 @@ def movement_spread(w2: list[float]) -> float:
     return float(np.abs(s - s.mean()).max() / s.mean())
 
 
-def reparametrize(h: list[float], w2: list[float], eta: float, h_min: float, h_max: float) -> list[float]:
-    """One step of h_k ← clip(h_k + η(h_k·S̄/S_k − h_k), h_min, h_max) with S_k = W_k."""
-    s = np.asarray(w2, dtype=float)
+def reparametrize(
+    h: list[float], w2: list[float], eta: float, h_min: float, h_max: float, rule: str = "ratio"
+) -> list[float]:
+    r"""One step h_k ← clip(h_k + η(h*_k − h_k), h_min, h_max) toward equal movements S_k = W_k.
+
+    ``rule="ratio"`` (DESIGN.md §4): h*_k = h_k·S̄/S_k, each block on its own.
+
+    ``rule="arclength"``: the blocks are segments of one curve with times
+    t_k = Σ_{j≤k} h_j and arc lengths D_k = Σ_{j≤k} S_j; h* cuts the same total
+    time into segments of equal arc length, t*_k = D⁻¹(k·D_L/L) by linear
+    interpolation, h*_k = t*_k − t*_{k−1}. A block that moved much gives time to
+    the blocks after it, so a last block with little left to move gets work.
+    """
+    s = np.maximum(np.asarray(w2, dtype=float), 1e-12)
     hs = np.asarray(h, dtype=float)
-    moved = hs + eta * (hs * s.mean() / np.maximum(s, 1e-12) - hs)
-    return [float(v) for v in np.clip(moved, h_min, h_max)]
+    if rule == "ratio":
+        target = hs * s.mean() / s
+    elif rule == "arclength":
+        times = np.concatenate([[0.0], np.cumsum(hs)])
+        arc = np.concatenate([[0.0], np.cumsum(s)])
+        target = np.diff(np.interp(np.linspace(0.0, arc[-1], len(s) + 1), arc, times))
+    else:
+        raise ValueError(f"rule must be 'ratio' or 'arclength', got {rule!r}")
+    return [float(v) for v in np.clip(hs + eta * (target - hs), h_min, h_max)]
 
 
 @dataclass
@@ -447,6 +465,7 @@ class _Trainer:
                 config.reparam_eta,
                 config.h_min,
                 config.h_max,
+                config.reparam_rule,
             )
             stage = self._stage(f"reparam {n}", "reparam", h_plan=hs)
         cached = self._cached(stage)

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from jkoflow.cli import main
+from jkoflow.datasets import target
+from jkoflow.run import RunFiles, load_data
 
 TINY = [
     "--n-samples", "3000", "--width", "8", "--depth", "1", "--iters", "15", "--batch-size", "128",
@@ -53,6 +55,13 @@ def test_eval_reproduces_the_summary(run_dir, capsys):
     result = json.loads((run_dir / "eval.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert result["nll"] == pytest.approx(summary["test_nll"], abs=1e-5)
+    # 8gaussians has a known density: KL(data ‖ model) = E[log p_data] + NLL on the same test points
+    x_test = load_data(RunFiles(run_dir).data_config())[2]
+    log_p = target("8gaussians").log_prob(x_test)
+    assert summary["kl_rows"] == result["kl_rows"] == len(x_test)
+    assert summary["kl"] == pytest.approx(log_p.mean() + summary["test_nll"], abs=1e-5)
+    assert result["kl"] == pytest.approx(summary["kl"], abs=1e-6) and 0 < result["kl_stderr"] < 0.1
+    assert summary["kl"] > 0
     assert main(["eval", str(run_dir), "--eval-steps", "8"]) == 0
     finer = json.loads((run_dir / "eval.json").read_text())
     assert finer["eval_steps"] == 8 and abs(finer["nll"] - result["nll"]) < 0.05

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jkoflow import Flow
-from jkoflow.metrics import inversion_error, mmd2, nll, parameter_count, wasserstein2
+from jkoflow.metrics import data_kl, inversion_error, kl_divergence, mmd2, nll, parameter_count, wasserstein2
 
 
 def test_w2_of_a_translated_cloud_is_the_shift():
@@ -69,3 +69,30 @@ def test_flow_metrics_on_an_empty_flow():
     )
     assert inversion_error(flow, x) == 0.0
     assert parameter_count(flow) == 0
+
+
+def test_kl_between_two_gaussians():
+    """KL(N(0, 1) ‖ N(μ, σ²)) = log σ + (1 + μ²)/(2σ²) − ½, estimated on samples of p."""
+    mu, sigma = 0.7, 1.6
+    x = np.random.default_rng(0).standard_normal(200_000)
+    log_p = -0.5 * x**2 - 0.5 * math.log(2 * math.pi)
+    log_q = -0.5 * ((x - mu) / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+    result = kl_divergence(log_p, torch.from_numpy(log_q))
+    exact = math.log(sigma) + (1 + mu**2) / (2 * sigma**2) - 0.5
+    assert result.n == 200_000 and abs(result.value - exact) < 4 * result.stderr
+    assert result.stderr == pytest.approx(np.std(log_p - log_q, ddof=1) / math.sqrt(200_000), rel=1e-12)
+    assert 1e-4 < result.stderr < 2e-3
+    with pytest.raises(ValueError, match="one shape"):
+        kl_divergence(log_p, log_q[:-1])
+
+
+@torch.no_grad()
+def test_data_kl_of_an_empty_flow_is_the_gaussian_kl():
+    """An empty flow is N(0, I); data N(m, s² I) in d = 3 give
+    KL = d (s² − 1 − 2 log s)/2 + ‖m‖²/2."""
+    m, s, d = np.array([0.5, -1.0, 0.2]), 0.8, 3
+    x = m + s * np.random.default_rng(1).standard_normal((100_000, d))
+    log_p = (-0.5 * ((x - m) / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)).sum(1)
+    result = data_kl(Flow(d).double(), log_p, x)
+    exact = d * (s**2 - 1 - 2 * math.log(s)) / 2 + 0.5 * (m**2).sum()
+    assert abs(result.value - exact) < 4 * result.stderr and result.stderr < 0.01

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -137,9 +138,13 @@ def test_compare_writes_table_and_plot(tmp_path):
     assert [int(r["n_batches"]) for r in rows] == [40, 40]  # the same budget for both
     for row in rows:
         assert 3.0 < float(row["test_nll"]) < 6.0 and float(row["w2"]) > 0
+        # checkerboard: log p_data = −log 32 on every test point
+        assert float(row["kl"]) == pytest.approx(float(row["test_nll"]) - math.log(32), abs=1e-4)
+        assert 0 < float(row["kl_stderr"]) < 0.1
     assert (out / "compare.png").stat().st_size > 10_000
     text = (out / "compare.md").read_text()
     assert "median heuristic" in text and "exact (POT" in text and "| jkoflow |" in text
+    assert "KL(data ‖ model) (nats) |" in text and " ± " in text
     summary = json.loads((out / "otflow" / "summary.json").read_text())
     config = json.loads((out / "otflow" / "config.json").read_text())
     assert config["method"] == "otflow" and config["otflow"]["alpha_c"] == 15.0  # checkerboard preset

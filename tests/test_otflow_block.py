@@ -130,3 +130,25 @@ def test_registry():
         blocks.register("otflow")(type("Other", (OTFlowBlock,), {}))
     with pytest.raises(ValueError, match=r"expected z of shape \(n, 2\)"):
         blocks.make("otflow", dim=2)(torch.zeros(3, 3), 0.0)
+
+
+@pytest.mark.parametrize("update", [True, False])
+def test_jacobian_layer_backward_matches_finite_differences(update):
+    from blocks.otflow import _JacobianLayer
+
+    gen = torch.Generator().manual_seed(3)
+    jac, K, slope, curv = (
+        torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(True)
+        for shape in ((4, 3, 5), (5, 5), (4, 5), (4, 5))
+    )
+
+    def f(jac, K, slope, curv):
+        trace, new, _, _ = _JacobianLayer.apply(jac, K, slope, curv, 0.5, update)
+        return (trace, new) if update else trace
+
+    assert torch.autograd.gradcheck(f, (jac, K, slope, curv))
+    trace, new, kj, _ = _JacobianLayer.apply(jac, K, slope, curv, 0.5, update)
+    assert torch.allclose(kj, jac @ K.T)
+    assert torch.allclose(trace, 0.5 * (curv * (jac @ K.T).pow(2).sum(1)).sum(1))
+    if update:
+        assert torch.allclose(new, jac + 0.5 * slope[:, None] * (jac @ K.T))

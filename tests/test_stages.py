@@ -209,3 +209,20 @@ def test_a_full_flow_gets_no_new_blocks_or_stages(data):
     config = JKOConfig(**{**TINY, "max_blocks": 1}, reparam_iters=2, refine=(2,))
     same, history = train_jko(*data, config=config, flow=flow)
     assert len(same) == 1 and [s["name"] for s in history.stages] == ["initial"] and history.blocks == []
+
+
+def test_arclength_rule_cuts_the_time_into_equal_movements():
+    # times 0, 1, 2 with arc lengths 0, 3, 4: equal thirds of arc length 2 end at t = 2/3 and t = 2
+    h = reparametrize([1.0, 1.0], [3.0, 1.0], eta=1.0, h_min=0.01, h_max=10.0, rule="arclength")
+    assert h == pytest.approx([2 / 3, 4 / 3], rel=1e-12)
+    h3 = reparametrize(
+        [5.0, 7.5, 11.25], [1.78, 0.19, 0.01], eta=1.0, h_min=0.01, h_max=100.0, rule="arclength"
+    )
+    assert sum(h3) == pytest.approx(23.75, rel=1e-12)  # the total time is kept
+    assert h3[0] == pytest.approx(5.0 * (1.98 / 3) / 1.78, rel=1e-12)  # inside the first segment
+    half = reparametrize([1.0, 1.0], [3.0, 1.0], eta=0.5, h_min=0.01, h_max=10.0, rule="arclength")
+    assert half == pytest.approx([1 - 1 / 6, 1 + 1 / 6], rel=1e-12)
+    equal = reparametrize([0.5, 2.0, 1.0], [1.0, 1.0, 1.0], eta=1.0, h_min=0.01, h_max=10.0, rule="arclength")
+    assert equal == pytest.approx([0.5, 2.0, 1.0], rel=1e-12)  # equal movements are a fixed point
+    with pytest.raises(ValueError, match="rule must be"):
+        reparametrize([1.0], [1.0], 1.0, 0.1, 1.0, rule="median")

@@ -1,6 +1,8 @@
-"""Data: the 2-D toy densities, ``.npy``/``.csv`` files, and a seeded train/val/test split.
+"""Data: the 2-D toy densities, synthetic targets with exact densities, the MAF
+tabular benchmarks, ``.npy``/``.csv`` files, and a seeded train/val/test split.
 
-numpy only: this package imports neither torch nor any model code.
+numpy only (pandas/h5py for two tabular sets): this package imports neither torch
+nor any model code.
 """
 
 from __future__ import annotations
@@ -13,11 +15,31 @@ import numpy as np
 
 from ..errors import InputError
 from .files import SUPPORTED_SUFFIXES, load_array
+from .tabular import TABULAR_NAMES, data_root, load_tabular
+from .targets import Target, is_target, target
 from .toys import TOYS, toy
 
-__all__ = ["TOYS", "TOY_NAMES", "load", "load_array", "split", "toy"]
+__all__ = [
+    "TABULAR_NAMES",
+    "TOYS",
+    "TOY_NAMES",
+    "Target",
+    "data_root",
+    "is_target",
+    "load",
+    "load_array",
+    "load_split",
+    "load_tabular",
+    "split",
+    "target",
+    "toy",
+]
 
 TOY_NAMES: tuple[str, ...] = tuple(TOYS)
+_KINDS = (
+    f"a toy name ({', '.join(TOY_NAMES)}), a target spec (gmm:d=8,k=5,seed=0 or banana:d=8,b=0.25), "
+    f"a tabular set ({', '.join(TABULAR_NAMES)}) or a path to a .npy or .csv file"
+)
 
 
 def _check_int(value: object, what: str, minimum: int) -> int:
@@ -27,11 +49,20 @@ def _check_int(value: object, what: str, minimum: int) -> int:
     return int(value)
 
 
-def load(name_or_path: str | os.PathLike[str], n: int = 120_000, seed: int = 0) -> np.ndarray:
+def load(
+    name_or_path: str | os.PathLike[str],
+    n: int = 120_000,
+    seed: int = 0,
+    root: str | os.PathLike[str] | None = None,
+) -> np.ndarray:
     """Load a data set as float64 of shape (n, d).
 
     A toy name (see ``TOY_NAMES``) gives ``n`` samples of shape (n, 2) drawn from
-    ``np.random.default_rng(seed)``; otherwise ``name_or_path`` is a path to a
+    ``np.random.default_rng(seed)``, a target spec (``gmm:d=8,k=5,seed=0``,
+    ``banana:d=8``; see :mod:`.targets`) ``n`` samples of shape (n, d) drawn the same
+    way, a tabular name (``TABULAR_NAMES``) all its preprocessed rows (train, val
+    and test stacked; read under ``root``, see :func:`load_tabular`); otherwise
+    ``name_or_path`` is a path to a
     ``.npy`` or ``.csv`` file, read by :func:`load_array` (``n`` and ``seed`` unused).
 
     Example:
@@ -45,18 +76,31 @@ def load(name_or_path: str | os.PathLike[str], n: int = 120_000, seed: int = 0) 
     seed = _check_int(seed, "seed", 0)
     if isinstance(name_or_path, str) and name_or_path in TOYS:
         return toy(name_or_path, n, np.random.default_rng(seed))
+    if is_target(name_or_path):
+        return target(name_or_path).sample(n, np.random.default_rng(seed))
+    if isinstance(name_or_path, str) and name_or_path in TABULAR_NAMES:
+        return np.concatenate(load_tabular(name_or_path, root))
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise InputError(
-            f"invalid data {name_or_path!r}: expected a toy name ({', '.join(TOY_NAMES)}) "
-            "or a path to a .npy or .csv file"
-        )
+        raise InputError(f"invalid data {name_or_path!r}: expected {_KINDS}")
     path = Path(name_or_path)
     if path.exists() or path.suffix.lower() in SUPPORTED_SUFFIXES:
         return load_array(path)
-    raise InputError(
-        f"unknown data {str(name_or_path)!r}: expected a toy name ({', '.join(TOY_NAMES)}) "
-        "or a path to a .npy or .csv file"
-    )
+    raise InputError(f"unknown data {str(name_or_path)!r}: expected {_KINDS}")
+
+
+def load_split(
+    name_or_path: str | os.PathLike[str],
+    n: int = 120_000,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    root: str | os.PathLike[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test): the standard split of a tabular set (the fractions and
+    ``seed`` unused), else :func:`split` of :func:`load` ``(name_or_path, n, seed)``."""
+    if isinstance(name_or_path, str) and name_or_path in TABULAR_NAMES:
+        return load_tabular(name_or_path, root)
+    return split(load(name_or_path, n=n, seed=seed), val_fraction, test_fraction, seed=seed)
 
 
 def split(

@@ -28,16 +28,21 @@ def _checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
     return 2.0 * np.stack([x1, x2], axis=1)
 
 
+_S = 1.0 / math.sqrt(2.0)
+EIGHT_GAUSSIANS_CENTRES = 4.0 * np.array(
+    [(1, 0), (-1, 0), (0, 1), (0, -1), (_S, _S), (_S, -_S), (-_S, _S), (-_S, -_S)], dtype=np.float64
+)
+EIGHT_GAUSSIANS_STD = 0.5
+EIGHT_GAUSSIANS_DIVISOR = 1.414
+
+
 def _8gaussians(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Mixture of 8 Gaussians (std 0.5/1.414) on a circle of radius 4/1.414."""
-    scale = 4.0
-    s = 1.0 / math.sqrt(2.0)
-    centers = scale * np.array(
-        [(1, 0), (-1, 0), (0, 1), (0, -1), (s, s), (s, -s), (-s, s), (-s, -s)], dtype=np.float64
-    )
+    """Mixture of 8 Gaussians (std 0.5/1.414) on a circle of radius 4/1.414:
+    (0.5 ε + c_j)/1.414 with j uniform over ``EIGHT_GAUSSIANS_CENTRES``."""
+    centers = EIGHT_GAUSSIANS_CENTRES
     idx = rng.integers(0, len(centers), size=n)
-    points = 0.5 * rng.standard_normal((n, 2)) + centers[idx]
-    return points / 1.414
+    points = EIGHT_GAUSSIANS_STD * rng.standard_normal((n, 2)) + centers[idx]
+    return points / EIGHT_GAUSSIANS_DIVISOR
 
 
 def _moons(n: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,105 @@
+r"""(e) ``torch.compile`` of the block on one JKO training step: is it worth it?
+
+Times one training step (``jko_loss`` + backward + Adam, JKOConfig defaults)
+of an eager block and of the same block after ``block.compile()``: the first
+compiled step (compilation), the median step after it, and the first step of a
+second, freshly built block of the same architecture (does each new block of a
+flow pay the compilation again?). Opt-in (``--only compile``): compiling takes
+about a minute on a small CPU.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import blocks
+from jkoflow import JKOConfig
+from jkoflow.objectives import jko_loss
+
+from .common import Column, Table, interleaved_medians
+
+__all__ = ["SIZES", "run"]
+
+SIZES = {
+    "full": {"dim": 2, "repeats": 10},
+    "quick": {"dim": 2, "repeats": 3},
+    "smoke": {"dim": 2, "repeats": 1, "width": 4, "batch": 16},
+}
+
+COLUMNS = [
+    Column("variant", "variant"),
+    Column("first_step_s", "first step s", ".2f"),
+    Column("ms_per_step", "ms / step after it", ".1f"),
+    Column("speedup", "eager ÷ this", ".2f"),
+    Column("break_even_steps", "steps to pay back compilation", ".0f"),
+]
+
+
+def _make(dim: int, width: int, depth: int, seed: int) -> blocks.Block:
+    torch.manual_seed(seed)
+    return blocks.make("otflow", dim=dim, width=width, depth=depth)
+
+
+def _step(block: blocks.Block, x: torch.Tensor, config: JKOConfig):
+    optimizer = torch.optim.Adam(block.parameters(), lr=1e-3)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        jko_loss(block, x, config.h0, config.train_steps).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _first(step) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def run(
+    dim: int = 2,
+    width: int | None = None,
+    batch: int | None = None,
+    repeats: int = 10,
+    backend: str = "inductor",
+) -> Table:
+    """Times eager and compiled training steps; ``backend`` is torch.compile's (tests use "eager")."""
+    config = JKOConfig()
+    width, batch = width or config.width, batch or config.batch_size
+    x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(0))
+    eager = _step(_make(dim, width, config.depth, 0), x, config)
+    compiled_block = _make(dim, width, config.depth, 0)
+    compiled_block.compile(backend=backend)
+    compiled = _step(compiled_block, x, config)
+    first = {"eager": _first(eager), "compiled": _first(compiled)}
+    second_block = _make(dim, width, config.depth, 1)
+    second_block.compile(backend=backend)
+    second = _step(second_block, x, config)
+    first["compiled, new block"] = _first(second)
+    seconds = interleaved_medians(
+        {"eager": eager, "compiled": compiled, "compiled, new block": second}, repeats
+    )
+    title = (
+        f"(e) torch.compile ({backend}) on one JKO training step (d = {dim}, width {width}, batch {batch})"
+    )
+    table = Table("compile", title, COLUMNS)
+    for name, median in seconds.items():
+        saved = seconds["eager"] - median
+        extra = first[name] - median
+        table.rows.append(
+            {
+                "variant": name,
+                "first_step_s": first[name],
+                "ms_per_step": 1e3 * median,
+                "speedup": seconds["eager"] / median,
+                "break_even_steps": extra / saved if name != "eager" and saved > 0 else None,
+            }
+        )
+    table.notes = [
+        f"{torch.get_num_threads()} torch thread(s), float32, {config.train_steps} RK4 steps, median of "
+        f"{repeats} steps (round-robin). 'steps to pay back': (first step − median) / (eager − median).",
+    ]
+    return table

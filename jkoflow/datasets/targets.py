@@ -1,0 +1,234 @@
+"""Synthetic targets with an exact log-density, in any dimension.
+
+A target is named by a spec string ``kind:key=value,...``:
+
+* ``gmm:d=8,k=5,seed=0``: an equal-weight mixture of ``k`` Gaussians in R^d whose
+  means (N(0, 2² I)) and covariances (Q diag(s²) Qᵀ, Q a random rotation,
+  s ~ U(0.5, 1.5)) are drawn from ``np.random.default_rng(seed)``;
+* ``banana:d=8,b=0.25``: x₁ ~ N(0, 2²) and x_i = y_i + b (x₁² − 4), y_i ~ N(0, 1)
+  for i ≥ 2, a map of unit Jacobian, so
+  log p(x) = log N(x₁; 0, 2²) + Σ_{i≥2} log N(x_i − b (x₁² − 4); 0, 1);
+
+and the 2-D toys whose density is closed-form: ``checkerboard`` (uniform, 1/32, on
+the eight squares of side 2 of [-4, 4]² with ⌊x₁/2⌋ + ⌊x₂/2⌋ even) and
+``8gaussians`` (equal-weight mixture of N(c_j/1.414, (0.5/1.414)² I)). Each target
+draws exactly what :func:`jkoflow.datasets.load` gives for the same name, n and seed.
+
+numpy only; every array is float64 of shape (n, d), log-densities of shape (n,).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import InputError
+from .toys import EIGHT_GAUSSIANS_CENTRES, EIGHT_GAUSSIANS_DIVISOR, EIGHT_GAUSSIANS_STD, toy
+
+__all__ = [
+    "TARGET_KINDS",
+    "Banana",
+    "Checkerboard",
+    "EightGaussians",
+    "GaussianMixture",
+    "Target",
+    "is_target",
+    "parse_spec",
+    "target",
+]
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class Target(Protocol):
+    """A density with exact samples and log-density."""
+
+    dim: int
+
+    def sample(self, n: int, seed: int | np.random.Generator = 0) -> np.ndarray: ...
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def _rng(seed: int | np.random.Generator) -> np.random.Generator:
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+def _rows(x: np.ndarray, dim: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise InputError(f"points have shape {tuple(x.shape)}; expected (n, {dim})")
+    return x
+
+
+def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    top = a.max(axis=axis, keepdims=True)
+    return np.squeeze(top, axis) + np.log(np.exp(a - top).sum(axis=axis))
+
+
+@dataclass(frozen=True)
+class GaussianMixture:
+    """Mixture Σ_j w_j N(μ_j, Σ_j); ``means`` (k, d), ``chols`` (k, d, d) lower
+    Cholesky factors of Σ_j, ``weights`` (k,) summing to 1."""
+
+    means: np.ndarray
+    chols: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @classmethod
+    def random(cls, d: int, k: int, seed: int) -> GaussianMixture:
+        """Seeded means N(0, 2² I) and covariances Q diag(s²) Qᵀ, s ~ U(0.5, 1.5)."""
+        rng = np.random.default_rng(seed)
+        means = 2.0 * rng.standard_normal((k, d))
+        chols = np.empty((k, d, d))
+        for j in range(k):
+            q, r = np.linalg.qr(rng.standard_normal((d, d)))
+            q = q * np.sign(np.diag(r))  # a uniformly random rotation
+            s = rng.uniform(0.5, 1.5, size=d)
+            chols[j] = np.linalg.cholesky((q * s**2) @ q.T)
+        return cls(means, chols, np.full(k, 1.0 / k))
+
+    def sample(self, n: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+        rng = _rng(seed)
+        idx = rng.choice(len(self.weights), size=n, p=self.weights)
+        eps = rng.standard_normal((n, self.dim))
+        return self.means[idx] + np.einsum("nij,nj->ni", self.chols[idx], eps)
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        x = _rows(x, self.dim)
+        d = self.dim
+        parts = []
+        for mean, chol, w in zip(self.means, self.chols, self.weights, strict=True):
+            y = np.linalg.solve(chol, (x - mean).T)  # L⁻¹(x − μ), (d, n)
+            log_det = np.log(np.diag(chol)).sum()
+            parts.append(math.log(w) - 0.5 * (y**2).sum(axis=0) - log_det - 0.5 * d * LOG_2PI)
+        return _logsumexp(np.stack(parts, axis=1), axis=1)
+
+
+@dataclass(frozen=True)
+class Banana:
+    """x₁ ~ N(0, s²), x_i = y_i + b (x₁² − s²), y_i ~ N(0, 1) (i ≥ 2); unit Jacobian."""
+
+    dim: int
+    b: float = 0.25
+    s: float = 2.0
+
+    def _warp(self, x1: np.ndarray) -> np.ndarray:
+        return self.b * (x1**2 - self.s**2)
+
+    def sample(self, n: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+        y = _rng(seed).standard_normal((n, self.dim))
+        y[:, 0] *= self.s
+        y[:, 1:] += self._warp(y[:, :1])
+        return y
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        x = _rows(x, self.dim)
+        y = x[:, 1:] - self._warp(x[:, :1])
+        first = -0.5 * (x[:, 0] / self.s) ** 2 - math.log(self.s)
+        return first - 0.5 * (y**2).sum(axis=1) - 0.5 * self.dim * LOG_2PI
+
+
+@dataclass(frozen=True)
+class Checkerboard:
+    """The ``checkerboard`` toy: density 1/32 where ⌊x₁/2⌋ + ⌊x₂/2⌋ is even in [-4, 4)², else 0."""
+
+    dim: int = 2
+
+    def sample(self, n: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+        return toy("checkerboard", n, seed)
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        x = _rows(x, 2)
+        cell = np.floor(x / 2.0)
+        inside = ((x >= -4.0) & (x < 4.0)).all(axis=1) & (cell.sum(axis=1) % 2 == 0)
+        return np.where(inside, -math.log(32.0), -np.inf)
+
+
+def _eight_gaussians_mixture() -> GaussianMixture:
+    std = EIGHT_GAUSSIANS_STD / EIGHT_GAUSSIANS_DIVISOR
+    chols = np.broadcast_to(std * np.eye(2), (8, 2, 2)).copy()
+    return GaussianMixture(EIGHT_GAUSSIANS_CENTRES / EIGHT_GAUSSIANS_DIVISOR, chols, np.full(8, 1.0 / 8))
+
+
+@dataclass(frozen=True)
+class EightGaussians:
+    """The ``8gaussians`` toy: its generator's mixture Σ_j ⅛ N(c_j/1.414, (0.5/1.414)² I)."""
+
+    dim: int = 2
+    mixture: GaussianMixture = field(default_factory=_eight_gaussians_mixture)
+
+    def sample(self, n: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+        return toy("8gaussians", n, seed)
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        return self.mixture.log_prob(x)
+
+
+# spec kind -> its keys and their defaults
+TARGET_KINDS: dict[str, dict[str, float]] = {
+    "gmm": {"d": 2, "k": 5, "seed": 0},
+    "banana": {"d": 2, "b": 0.25},
+}
+_TOY_TARGETS = ("checkerboard", "8gaussians")
+
+
+def is_target(name: object) -> bool:
+    """Whether ``name`` names a target with a known density (a spec or a closed-form toy)."""
+    return isinstance(name, str) and (name in _TOY_TARGETS or name.split(":", 1)[0] in TARGET_KINDS)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """``"gmm:d=8,k=5"`` -> ``("gmm", {"d": 8, "k": 5, "seed": 0})`` (defaults filled in, validated)."""
+    kind, _, rest = spec.partition(":")
+    if kind not in TARGET_KINDS:
+        raise InputError(f"unknown target {spec!r}: expected one of {', '.join(TARGET_KINDS)}")
+    values = dict(TARGET_KINDS[kind])
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, text = item.partition("=")
+        if not eq or key.strip() not in values:
+            raise InputError(
+                f"bad item {item!r} in {spec!r}: expected key=value with key in {', '.join(values)}"
+            )
+        key = key.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            raise InputError(f"bad value {text!r} for {key} in {spec!r}: expected a number") from None
+        if key in ("d", "k", "seed"):
+            minimum = 0 if key == "seed" else 1
+            if not value.is_integer() or value < minimum:
+                raise InputError(f"{key}={text} in {spec!r}: expected an integer ≥ {minimum}")
+            value = int(value)
+        elif not math.isfinite(value):
+            raise InputError(f"{key}={text} in {spec!r}: expected a finite number")
+        values[key] = value
+    if kind == "banana" and values["d"] < 2:
+        raise InputError(f"{spec!r}: a banana needs d ≥ 2")
+    return kind, values
+
+
+def target(name: str) -> Target:
+    """The target named ``name``: a spec (``gmm:...``, ``banana:...``) or a closed-form toy.
+
+    Example:
+        >>> t = target("gmm:d=3,k=2,seed=1")
+        >>> x = t.sample(4, seed=0)
+        >>> x.shape, t.log_prob(x).shape
+        ((4, 3), (4,))
+    """
+    if name == "checkerboard":
+        return Checkerboard()
+    if name == "8gaussians":
+        return EightGaussians()
+    kind, values = parse_spec(name)
+    if kind == "gmm":
+        return GaussianMixture.random(int(values["d"]), int(values["k"]), int(values["seed"]))
+    return Banana(int(values["d"]), float(values["b"]))
