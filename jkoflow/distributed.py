@@ -84,21 +84,20 @@ class Group:
             return x.to(torch.device("cuda", self.local_rank))
         return x.cpu()
 
-    def sum(self, x: Tensor) -> Tensor:
-        """Σ over the ranks of ``x`` (returned on x's device)."""
+    def _reduce(self, x: Tensor, op: Any) -> Tensor:
         if not self.enabled:
             return x
         y = self._comm(x.detach().clone())
-        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        dist.all_reduce(y, op=op)
         return y.to(x.device)
+
+    def sum(self, x: Tensor) -> Tensor:
+        """Σ over the ranks of ``x`` (returned on x's device)."""
+        return self._reduce(x, dist.ReduceOp.SUM)
 
     def max(self, x: Tensor) -> Tensor:
         """Elementwise max over the ranks of ``x`` (returned on x's device)."""
-        if not self.enabled:
-            return x
-        y = self._comm(x.detach().clone())
-        dist.all_reduce(y, op=dist.ReduceOp.MAX)
-        return y.to(x.device)
+        return self._reduce(x, dist.ReduceOp.MAX)
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank."""
