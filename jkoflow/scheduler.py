@@ -206,6 +206,13 @@ def train_jko(
             the one of an uninterrupted run. If that run had finished, blocks
             are added until the flow holds ``config.max_blocks`` blocks.
 
+    In an initialised process group (:mod:`jkoflow.distributed`) every rank
+    calls this with the same arguments: each trains on its share of every
+    mini-batch and pushes its share of the rows; the result matches one
+    process with the same ``batch_size``; only rank 0 writes ``checkpoint``
+    and shows progress. Cached samples live where ``config.cache_device``
+    says (:mod:`jkoflow.cache`).
+
     Returns:
         ``(flow, history)``: the trained :class:`Flow` (frozen blocks, eval
         steps ``config.eval_steps``) and a :class:`JKOHistory`.
