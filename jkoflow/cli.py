@@ -440,7 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     main_rank = True
     try:
-        main_rank = world_from_env()[1] == 0  # under torchrun, the ranks agree; only rank 0 reports
+        size, rank, _ = world_from_env()
+        main_rank = rank == 0  # under torchrun, the ranks agree; only rank 0 reports
+        if size > 1 and args.command != "train":
+            raise InputError(f"only 'train' runs on several processes; run '{args.command}' as one process")
         COMMANDS[args.command](args)
     except InputError as error:
         if main_rank:

@@ -56,3 +56,10 @@ def test_bad_device_exits_2_with_one_line(run_dir, tmp_path, capsys, command):
     assert main([command, str(run_dir), *extra, "--device", "gpu7"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "device must be like 'cpu', 'cuda' or 'cuda:0'" in err
+
+
+def test_only_train_runs_under_torchrun(run_dir, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["eval", str(run_dir)]) == 2
+    assert "only 'train' runs on several processes" in capsys.readouterr().err
