@@ -21,9 +21,19 @@ from .config import CACHE_POLICIES, DTYPES, DataConfig, JKOConfig, config_from_d
 from .distributed import launched, world_from_env
 from .errors import InputError, TrainingError
 from .flow import Flow
-from .metrics import inversion_error, nll
+from .metrics import nll
 from .otflow import OTFLOW_PRESETS, OTFlowConfig
-from .run import RunFiles, load_data, read_json, run_jko, run_otflow, target_kl, write_json, write_plots
+from .run import (
+    RunFiles,
+    flow_figures,
+    load_data,
+    read_json,
+    run_jko,
+    run_otflow,
+    target_kl,
+    write_json,
+    write_plots,
+)
 
 __all__ = ["main"]
 
@@ -394,14 +404,11 @@ def _eval(args: argparse.Namespace) -> None:
         source = args.data
     if x.shape[1] != flow.dim:
         raise InputError(f"data {source} have {x.shape[1]} columns but the flow has dimension {flow.dim}")
-    n_inv = min(len(x), 2000)
     result = {
         "data": source,
         "rows": len(x),
         "nll": nll(flow, x),
-        "eval_steps": flow.steps,
-        "inversion_error": inversion_error(flow, x[:n_inv]),
-        "inversion_error_rows": n_inv,
+        **flow_figures(flow, x),
         **target_kl(flow, name, x),
     }
     print(

@@ -115,6 +115,11 @@ class Flow(nn.Module):
     def __len__(self) -> int:
         return len(self.blocks)
 
+    def head(self, n: int) -> Flow:
+        """The flow of the first ``n`` blocks (the same modules, not copies) with
+        the same standardisation and steps: T_n ∘ … ∘ T_1 ∘ S."""
+        return Flow(self.dim, self.blocks[:n], self.steps, self.shift, self.scale)
+
     def standardize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """S(x) and its log-determinant −Σ log scale (broadcast to (n,))."""
         logdet = -self.scale.log().sum().expand(x.shape[0])

@@ -39,6 +39,7 @@ from .scheduler import JKOHistory, train_jko
 __all__ = [
     "IterationLog",
     "RunFiles",
+    "flow_figures",
     "load_data",
     "prepare_run_dir",
     "read_json",
@@ -203,23 +204,36 @@ def stage_checkpoint(files: RunFiles, stage: dict[str, Any]) -> Path:
     return files.root / ("flow-" + stage["name"].replace(" ", "-") + ".pt")
 
 
+INVERSION_ROWS = 2000
+"""Rows of the evaluated data on which the inversion error is measured."""
+
+
+def flow_figures(flow: Flow, x: np.ndarray) -> dict[str, Any]:
+    """Figures of a flow that every report states: the RK4 steps per block of
+    its evaluation, its inversion error on the first :data:`INVERSION_ROWS`
+    rows of ``x`` and its parameter count."""
+    rows = min(len(x), INVERSION_ROWS)
+    return {
+        "eval_steps": flow.steps,
+        "inversion_error": inversion_error(flow, x[:rows]),
+        "inversion_error_rows": rows,
+        "n_parameters": parameter_count(flow),
+    }
+
+
 def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds: float) -> dict[str, Any]:
     """summary.json of a JKO run: test NLL (nats, constant included, at the
     flow's eval steps), blocks, batches, seconds and per-block figures."""
     last = history.blocks[-1] if history.blocks else {}
     log_scale = float(flow.scale.log().sum())
-    n_inv = min(len(x_test), 2000)
     summary = {
         "test_nll": last.get("test_nll"),
-        "eval_steps": flow.steps,
         "n_blocks": len(flow),
         "stopped_by": history.stopped_by,
         "train_seconds": history.train_seconds,
         "wall_seconds": wall_seconds,
         "n_batches": history.n_batches,
-        "inversion_error": inversion_error(flow, x_test[:n_inv]),
-        "inversion_error_rows": n_inv,
-        "n_parameters": parameter_count(flow),
+        **flow_figures(flow, x_test),
         "blocks": [
             {
                 key: b[key]
@@ -360,10 +374,7 @@ def run_jko(
             )
         except TrainingError as error:
             state = load_state(files.trainer)
-            finished = state.flow.blocks[: error.block_index]
-            Flow(state.flow.dim, finished, state.flow.steps, state.flow.shift, state.flow.scale).save(
-                files.partial_flow
-            )
+            state.flow.head(error.block_index).save(files.partial_flow)
             raise TrainingError(
                 f"{error}; saved them to {files.partial_flow} (continue with --resume and a lower --lr)",
                 error.block_index,
@@ -404,19 +415,15 @@ def run_otflow(
     with IterationLog(files.log, IterationLog.OTFLOW_FIELDS) as log:
         flow, history = train_otflow(x_train, x_val, config=config, progress=progress, callback=log)
     wall = time.perf_counter() - start
-    n_inv = min(len(x_test), 2000)
     summary = {
         "test_nll": nll(flow, x_test),
-        "eval_steps": flow.steps,
         "n_blocks": 1,
         "stopped_by": history.stopped_by,
         "train_seconds": history.train_seconds,
         "wall_seconds": wall,
         "n_batches": history.n_batches,
         "best": history.best,
-        "inversion_error": inversion_error(flow, x_test[:n_inv]),
-        "inversion_error_rows": n_inv,
-        "n_parameters": parameter_count(flow),
+        **flow_figures(flow, x_test),
         **target_kl(flow, data_config.name, x_test),
     }
     return _finish_run(files, flow, history.to_dict(), summary, x_test, data_config.seed)

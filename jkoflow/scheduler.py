@@ -383,12 +383,17 @@ class _Trainer:
 
     # -- stages -----------------------------------------------------------------
 
+    def _open(self, kind: str) -> dict[str, Any] | None:
+        """The last stage if it is of ``kind`` and not complete (a resumed run)."""
+        last = self.history.stages[-1] if self.history.stages else None
+        return last if last is not None and last["kind"] == kind and not last.get("complete") else None
+
     def run(self) -> None:
         """Continues the stages where they stand: the initial pass (or an open
         extension), then reparametrisation, then refinement."""
-        last = self.history.stages[-1] if self.history.stages else None
-        if last is not None and last["kind"] == "extend":
-            self.grow(last["name"], "extend")
+        extension = self._open("extend")
+        if extension is not None:
+            self.grow(extension["name"], "extend")
         else:
             self.grow("initial", "initial")
             if self.history.stages[0]["blocks"]:  # else the flow already had max_blocks blocks
@@ -438,10 +443,9 @@ class _Trainer:
 
     def _reparam_stages(self) -> None:
         while True:
-            last = self.history.stages[-1]
-            if last["kind"] != "reparam" or last.get("complete"):
+            if self._open("reparam") is None:
                 done = sum(s["kind"] == "reparam" for s in self.history.stages)
-                spread = movement_spread([b["w2"] for b in last["blocks"]])
+                spread = movement_spread([b["w2"] for b in self.history.stages[-1]["blocks"]])
                 if (
                     done >= self.config.reparam_iters
                     or self.out_of_budget()
@@ -453,17 +457,16 @@ class _Trainer:
     def _refine_stages(self) -> None:
         done = sum(s["kind"] == "refine" and bool(s.get("complete")) for s in self.history.stages)
         for count in self.config.refine[done:]:
-            last = self.history.stages[-1]
-            if (last["kind"] != "refine" or last.get("complete")) and self.out_of_budget():
+            if self._open("refine") is None and self.out_of_budget():
                 return
             self.refine_stage(count)
 
     def reparam_stage(self) -> None:
-        """Retrains every block from its weights with h moved toward h·S̄/S_k."""
-        last = self.history.stages[-1]
-        if last["kind"] == "reparam" and not last.get("complete"):
-            stage = last
-        else:
+        """Retrains every block from its weights with h moved toward the target
+        of ``config.reparam_rule`` (:func:`reparametrize`)."""
+        stage = self._open("reparam")
+        if stage is None:
+            last = self.history.stages[-1]
             n = sum(s["kind"] == "reparam" for s in self.history.stages) + 1
             config = self.config
             hs = reparametrize(
@@ -483,10 +486,9 @@ class _Trainer:
 
     def refine_stage(self, count: int) -> None:
         """Splits every block into ``count`` time slices trained in order at h/count."""
-        last = self.history.stages[-1]
-        if last["kind"] == "refine" and not last.get("complete"):
-            stage = last
-        else:
+        stage = self._open("refine")
+        if stage is None:
+            last = self.history.stages[-1]
             n = sum(s["kind"] == "refine" for s in self.history.stages) + 1
             hs = [b["h"] / count for b in last["blocks"] for _ in range(count)]
             self.parents = list(self.flow.blocks[self.first :])
@@ -516,8 +518,7 @@ class _Trainer:
     def _base_samples(self) -> dict[str, _Cached]:
         """The data pushed through the frozen blocks before ``first``."""
         if self._base is None:
-            flow = self.flow
-            frozen = Flow(flow.dim, flow.blocks[: self.first], flow.steps, flow.shift, flow.scale)
+            frozen = self.flow.head(self.first)
             with torch.no_grad():
                 self._base = {
                     name: _Cached(*self._map(lambda part: frozen(part, self.config.chunk_size), x))

@@ -145,3 +145,16 @@ def test_wrong_dimension_is_a_value_error(flow, method):
     with pytest.raises(ValueError, match=r"must have shape \(n, 2\), got \(5, 3\)") as info:
         getattr(flow, method)(torch.zeros(5, 3, dtype=torch.float64))
     assert "\n" not in str(info.value)
+
+
+def test_head_is_the_first_blocks_with_the_same_standardisation(random_otflow):
+    first, second = random_otflow(seed=3), random_otflow(seed=4)
+    shift, scale = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.5])
+    flow = Flow(2, [first, second], steps=8, shift=shift, scale=scale).double()
+    x = torch.randn(7, 2, dtype=torch.float64)
+    head = flow.head(1)
+    assert len(head) == 1 and head.blocks[0] is flow.blocks[0] and head.steps == 8
+    expected = Flow(2, [first], steps=8, shift=shift, scale=scale).double()
+    assert torch.equal(head.log_prob(x), expected.log_prob(x))
+    assert torch.equal(flow.head(2).log_prob(x), flow.log_prob(x))
+    assert not torch.allclose(head.log_prob(x), flow.log_prob(x))
