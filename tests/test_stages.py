@@ -226,3 +226,16 @@ def test_arclength_rule_cuts_the_time_into_equal_movements():
     assert equal == pytest.approx([0.5, 2.0, 1.0], rel=1e-12)  # equal movements are a fixed point
     with pytest.raises(ValueError, match="rule must be"):
         reparametrize([1.0], [1.0], 1.0, 0.1, 1.0, rule="median")
+
+
+def test_reparam_rule_reaches_the_trainer(data):
+    config = JKOConfig(
+        **TINY, ter_eps=1e-9, reparam_iters=1, reparam_tol=1e-6, stage_iters=5, reparam_rule="arclength"
+    )
+    _, history = train_jko(*data, config=config)
+    initial, reparam = history.stages
+    h, w2 = [b["h"] for b in initial["blocks"]], [b["w2"] for b in initial["blocks"]]
+    expected = reparametrize(h, w2, 0.5, 0.05, 20, rule="arclength")
+    assert [b["h"] for b in reparam["blocks"]] == pytest.approx(expected, rel=1e-12)
+    assert reparam["h_plan"] == pytest.approx(expected, rel=1e-12)
+    assert expected != pytest.approx(reparametrize(h, w2, 0.5, 0.05, 20), rel=1e-3)  # the rules differ here
