@@ -2,6 +2,7 @@
 
     # (a) test NLL on checkerboard, default JKOConfig, equal parameter counts
     OMP_NUM_THREADS=1 python benchmarks/block_types.py nll [--blocks otflow mlp] [--max-seconds S]
+        [--iters N] [--batch-size B]
     # (b) per-sample cost of the velocity + exact divergence, forward and forward+backward
     OMP_NUM_THREADS=1 python benchmarks/block_types.py cost [--dims 2 8 43] [--batch 1024]
 
@@ -30,11 +31,13 @@ from jkoflow.metrics import nll, parameter_count
 from jkoflow.run import load_data
 
 
-def nll_table(names: list[str], max_seconds: float) -> None:
+def nll_table(names: list[str], max_seconds: float, iters: int = 0, batch_size: int = 0) -> None:
+    """Trains one flow per block type (``iters``/``batch_size``: 0 keeps the default)."""
+    overrides = {k: v for k, v in (("iters", iters), ("batch_size", batch_size)) if v}
     x_train, x_val, x_test = load_data(DataConfig())
     rows = []
     for name in names:
-        config = jkoflow.JKOConfig(block=name, max_seconds=max_seconds)
+        config = jkoflow.JKOConfig(block=name, max_seconds=max_seconds, **overrides)
         start = time.perf_counter()
         flow, history = jkoflow.train_jko(x_train, x_val=x_val, config=config)
         wall = time.perf_counter() - start
@@ -48,7 +51,8 @@ def nll_table(names: list[str], max_seconds: float) -> None:
         )
         print(rows[-1], flush=True)
     print(
-        f"\ncheckerboard, default JKOConfig (max_seconds={max_seconds}), {torch.get_num_threads()} thread(s)"
+        f"\ncheckerboard, JKOConfig(max_seconds={max_seconds}, {overrides}), "
+        f"{torch.get_num_threads()} thread(s)"
     )
     print(
         "| block | params/block | blocks | test NLL (8 steps) | test NLL (16 steps) "
@@ -123,6 +127,8 @@ def main() -> None:
     a = sub.add_parser("nll", help="(a) test NLL on checkerboard per block type")
     a.add_argument("--blocks", nargs="+", default=["otflow", "mlp"])
     a.add_argument("--max-seconds", type=float, default=0.0, help="training budget per flow (0: none)")
+    a.add_argument("--iters", type=int, default=0, help="Adam steps per block (0: the JKOConfig default)")
+    a.add_argument("--batch-size", type=int, default=0, help="mini-batch size (0: the JKOConfig default)")
     b = sub.add_parser("cost", help="(b) per-sample cost of the divergence")
     b.add_argument("--dims", type=int, nargs="+", default=[2, 8, 43])
     b.add_argument("--width", type=int, default=32)
@@ -131,7 +137,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "nll":
-        nll_table(args.blocks, args.max_seconds)
+        nll_table(args.blocks, args.max_seconds, args.iters, args.batch_size)
     else:
         cost_table(args.dims, args.width, args.batch, args.repeats)
 

@@ -12,7 +12,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["Column", "Table", "gemm", "interleaved_medians", "median_seconds"]
+__all__ = ["BATCH", "Column", "Table", "gemm", "interleaved_medians", "median_seconds"]
+
+BATCH = 2048
+"""Mini-batch of the per-step benchmarks (step, memory, compile): OT-Flow's
+published batch, so both trainers' steps are timed on the same rows. It is
+fixed here, not read from ``JKOConfig``, so the tables do not move when the
+trainer's defaults do."""
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:

@@ -18,7 +18,7 @@ import blocks
 from jkoflow import JKOConfig
 from jkoflow.objectives import jko_loss
 
-from .common import Column, Table, interleaved_medians
+from .common import BATCH, Column, Table, interleaved_medians
 
 __all__ = ["SIZES", "run"]
 
@@ -68,7 +68,7 @@ def run(
 ) -> Table:
     """Times eager and compiled training steps; ``backend`` is torch.compile's (tests use "eager")."""
     config = JKOConfig()
-    width, batch = width or config.width, batch or config.batch_size
+    width, batch = width or config.width, batch or BATCH
     x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(0))
     eager = _step(_make(dim, width, config.depth, 0), x, config)
     compiled_block = _make(dim, width, config.depth, 0)

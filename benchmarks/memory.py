@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from jkoflow import JKOConfig, datasets, train_jko
 
-from .common import Column, Table
+from .common import BATCH, Column, Table
 
 __all__ = ["SIZES", "peak_allocated", "run"]
 
@@ -69,7 +69,7 @@ def run(
 ) -> Table:
     """Trains ``n_blocks`` blocks one call at a time and records each call's peak."""
     base = JKOConfig()
-    options = {"width": width or base.width, "batch_size": batch_size or base.batch_size}
+    options = {"width": width or base.width, "batch_size": batch_size or BATCH}
     x = datasets.load(data, n=n_samples, seed=seed)
     x_train, x_val, _ = datasets.split(x, seed=seed)
     title = (

@@ -21,7 +21,7 @@ from jkoflow import JKOConfig, OTFlowConfig
 from jkoflow.objectives import jko_loss, otflow_loss
 from jkoflow.ode import integrate
 
-from .common import Column, Table, interleaved_medians
+from .common import BATCH, Column, Table, interleaved_medians
 
 __all__ = ["SIZES", "run"]
 
@@ -86,7 +86,7 @@ def run(
     """Times one training step of each method for every d; returns the table."""
     jko, ot = JKOConfig(), OTFlowConfig()
     width = width or jko.width
-    batch = batch or jko.batch_size
+    batch = batch or BATCH
     table = Table("step", f"(b) one training step, width {width}, depth {jko.depth}, batch {batch}", COLUMNS)
     for d in dims:
         seconds = _time_one_dim(d, width, batch, repeats, seed, jko, ot)

@@ -308,9 +308,31 @@ def _train(args: argparse.Namespace) -> None:
         return
     print(
         f"{args.out}: {summary['n_blocks']} blocks ({summary['stopped_by']}), "
-        f"test NLL {summary['test_nll']:.4f} nats ({summary['eval_steps']} RK4 steps/block), "
+        f"test NLL {summary['test_nll']:.4f} nats ({_steps_note(summary, '/block')}), "
         f"inversion error {summary['inversion_error']:.2e}, {summary['train_seconds']:.0f} s"
     )
+    _warn_steps(summary)
+
+
+STEP_DOUBLING_TOLERANCE = 1e-3
+"""Largest |NLL change| when the RK4 steps are doubled that reports accept (DESIGN.md §1)."""
+
+
+def _steps_note(figures: dict[str, Any], per: str = "") -> str:
+    """'8 RK4 steps/block, +0.0002 at 16' from a summary's or eval's figures."""
+    steps = figures["eval_steps"]
+    return f"{steps} RK4 steps{per}, {figures['step_doubling_change']:+.4f} at {2 * steps}"
+
+
+def _warn_steps(figures: dict[str, Any]) -> None:
+    """One line on stderr when the reported NLL is not converged in the step count."""
+    change = figures["step_doubling_change"]
+    if abs(change) >= STEP_DOUBLING_TOLERANCE:
+        print(
+            f"warning: doubling the RK4 steps moves the NLL by {change:+.4f} nats "
+            f"(≥ {STEP_DOUBLING_TOLERANCE:g}); evaluate with more steps (jkoflow eval RUN --eval-steps N)",
+            file=sys.stderr,
+        )
 
 
 def _resumed_configs(args: argparse.Namespace) -> tuple[DataConfig, JKOConfig]:
@@ -335,10 +357,11 @@ def _otflow(args: argparse.Namespace) -> None:
     splits = load_data(data_config)
     summary = run_otflow(args.out, data_config, config, splits, args.threads, args.overwrite, not args.quiet)
     print(
-        f"{args.out}: OT-Flow, test NLL {summary['test_nll']:.4f} nats ({summary['eval_steps']} RK4 steps), "
+        f"{args.out}: OT-Flow, test NLL {summary['test_nll']:.4f} nats ({_steps_note(summary)}), "
         f"best at {summary['best']['n_batches']} batches, inversion error {summary['inversion_error']:.2e}, "
         f"{summary['train_seconds']:.0f} s"
     )
+    _warn_steps(summary)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -412,9 +435,10 @@ def _eval(args: argparse.Namespace) -> None:
         **target_kl(flow, name, x),
     }
     print(
-        f"NLL {result['nll']:.4f} nats/sample ({result['eval_steps']} RK4 steps/block, "
+        f"NLL {result['nll']:.4f} nats/sample ({_steps_note(result, '/block')}, "
         f"{result['rows']} rows of {source}); inversion error {result['inversion_error']:.3e}"
     )
+    _warn_steps(result)
     if "kl" in result:
         print(f"KL(data ‖ model) {result['kl']:.4f} ± {result['kl_stderr']:.4f} nats (exact data density)")
     write_json(files.root / "eval.json", result)

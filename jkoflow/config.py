@@ -201,8 +201,10 @@ class JKOConfig(TrainingConfig):
     (near the identity map for ``otflow``, so the step starts at p_{k−1}); with
     ``warm_start`` block k starts from the weights of block k − 1 instead.
 
-    The defaults were tuned on checkerboard (2 CPU cores, 1 thread): about
-    1 minute per block, test NLL ≈ 3.67 nats after 2–3 blocks.
+    The defaults (1200 steps of batch 1024 per block) were tuned on
+    checkerboard (2 CPU cores, 1 thread): about 110 s per block, test NLL
+    3.59–3.62 nats after 2 blocks over seeds 0–3, where 400 steps of batch
+    2048 gave 3.67. More steps of smaller batches paid off per second.
 
     Mixed flows: with ``block_types`` non-empty, block k is of type
     ``block_types[min(k, len(block_types) − 1)]`` (the last entry repeats) and
@@ -239,6 +241,8 @@ class JKOConfig(TrainingConfig):
     Options that can change when a run is resumed: :data:`RESUMABLE`.
     """
 
+    iters: int = 1200
+    batch_size: int = 1024
     h0: float = 5.0
     rho: float = 1.5
     h_max: float = 20.0

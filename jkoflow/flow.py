@@ -120,6 +120,11 @@ class Flow(nn.Module):
         the same standardisation and steps: T_n ∘ … ∘ T_1 ∘ S."""
         return Flow(self.dim, self.blocks[:n], self.steps, self.shift, self.scale)
 
+    def with_steps(self, steps: int) -> Flow:
+        """The same blocks (not copies) and standardisation, evaluated with
+        ``steps`` RK4 steps per block."""
+        return Flow(self.dim, self.blocks, steps, self.shift, self.scale)
+
     def standardize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """S(x) and its log-determinant −Σ log scale (broadcast to (n,))."""
         logdet = -self.scale.log().sum().expand(x.shape[0])

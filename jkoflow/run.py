@@ -31,7 +31,7 @@ from .checkpoint import load_state
 from .config import DataConfig, JKOConfig, config_from_dict, resolve_device
 from .errors import InputError, TrainingError
 from .flow import Flow
-from .metrics import data_kl, inversion_error, nll, parameter_count
+from .metrics import STEP_CHECK_ROWS, data_kl, inversion_error, nll, parameter_count, step_doubling_change
 from .otflow import OTFlowConfig, train_otflow
 from .plots import plot_h_per_block, plot_samples, plot_validation_curve, plot_w2_per_block
 from .scheduler import JKOHistory, train_jko
@@ -210,11 +210,15 @@ INVERSION_ROWS = 2000
 
 def flow_figures(flow: Flow, x: np.ndarray) -> dict[str, Any]:
     """Figures of a flow that every report states: the RK4 steps per block of
-    its evaluation, its inversion error on the first :data:`INVERSION_ROWS`
-    rows of ``x`` and its parameter count."""
+    its evaluation, the NLL change when they are doubled (on the first
+    :data:`STEP_CHECK_ROWS` rows of ``x``), its inversion error on the first
+    :data:`INVERSION_ROWS` rows and its parameter count."""
     rows = min(len(x), INVERSION_ROWS)
+    check_rows = min(len(x), STEP_CHECK_ROWS)
     return {
         "eval_steps": flow.steps,
+        "step_doubling_change": step_doubling_change(flow, x[:check_rows]),
+        "step_check_rows": check_rows,
         "inversion_error": inversion_error(flow, x[:rows]),
         "inversion_error_rows": rows,
         "n_parameters": parameter_count(flow),
@@ -237,7 +241,16 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
         "blocks": [
             {
                 key: b[key]
-                for key in ("h", "w2", "ter", "n_batches", "seconds", "val_nll", "test_nll")
+                for key in (
+                    "h",
+                    "w2",
+                    "ter",
+                    "n_batches",
+                    "seconds",
+                    "val_nll",
+                    "test_nll",
+                    "step_doubling_change",
+                )
                 if key in b
             }
             for b in history.blocks

@@ -65,6 +65,14 @@ def test_eval_reproduces_the_summary(run_dir, capsys):
     assert main(["eval", str(run_dir), "--eval-steps", "8"]) == 0
     finer = json.loads((run_dir / "eval.json").read_text())
     assert finer["eval_steps"] == 8 and abs(finer["nll"] - result["nll"]) < 0.05
+    assert result["step_check_rows"] == len(x_test) < 10_000
+    assert finer["nll"] - result["nll"] == pytest.approx(result["step_doubling_change"], abs=1e-5)
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--eval-steps", "1"]) == 0
+    coarse, printed = json.loads((run_dir / "eval.json").read_text()), capsys.readouterr()
+    out, err = printed.out, printed.err
+    assert f"1 RK4 steps/block, {coarse['step_doubling_change']:+.4f} at 2," in out
+    assert ("warning: doubling the RK4 steps" in err) == (abs(coarse["step_doubling_change"]) >= 1e-3)
 
 
 def test_sample_and_plot(run_dir, tmp_path):

@@ -7,7 +7,19 @@ import pytest
 import torch
 
 from jkoflow import Flow
-from jkoflow.metrics import data_kl, inversion_error, kl_divergence, mmd2, nll, parameter_count, wasserstein2
+from jkoflow.metrics import (
+    data_kl,
+    inversion_error,
+    kl_divergence,
+    mmd2,
+    nll,
+    nll_difference,
+    parameter_count,
+    step_doubling_change,
+    wasserstein2,
+)
+
+from .analytic_blocks import LinearBlock
 
 
 def test_w2_of_a_translated_cloud_is_the_shift():
@@ -96,3 +108,48 @@ def test_data_kl_of_an_empty_flow_is_the_gaussian_kl():
     result = data_kl(Flow(d).double(), log_p, x)
     exact = d * (s**2 - 1 - 2 * math.log(s)) / 2 + 0.5 * (m**2).sum()
     assert abs(result.value - exact) < 4 * result.stderr and result.stderr < 0.01
+
+
+def _rk4_linear_map(b: torch.Tensor, steps: int) -> torch.Tensor:
+    """The matrix of ``steps`` RK4 steps of dz/dt = B z over [0, 1]:
+    R(B/steps)^steps with R(A) = I + A + A²/2 + A³/6 + A⁴/24."""
+    a = b / steps
+    eye = torch.eye(len(b), dtype=b.dtype)
+    r = eye + a + a @ a / 2 + a @ a @ a / 6 + a @ a @ a @ a / 24
+    return torch.linalg.matrix_power(r, steps)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_step_doubling_change_is_the_rk4_error_of_a_linear_flow(steps):
+    """v = Bz: the log-det is tr B at any step count, so the change is
+    E[½‖M_2s x‖² − ½‖M_s x‖²] with M_s the RK4 matrix above; it shrinks ~16×
+    per doubling (fourth order)."""
+    block = LinearBlock(2).double()
+    block.B.copy_(torch.tensor([[-0.9, 1.7], [-0.4, 0.6]], dtype=torch.float64))
+    x = torch.randn(500, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    flow = Flow(2, [block], steps=steps).double()
+
+    def half_sq(s):
+        return 0.5 * (x @ _rk4_linear_map(block.B, s).T).pow(2).sum(1).mean().item()
+
+    expected = half_sq(2 * steps) - half_sq(steps)
+    change = step_doubling_change(flow, x)
+    assert change == pytest.approx(expected, rel=1e-9) and abs(change) > 1e-7
+    assert abs(step_doubling_change(flow.with_steps(2 * steps), x)) < abs(change) / 8
+
+
+@torch.no_grad()
+def test_nll_difference_is_paired():
+    """N(0, I) against the standardised Gaussian N(m, diag s²): per point,
+    NLL_a − NLL_b = ½‖x‖² − ½‖(x − m)/s‖² − Σ log s; the result is their mean
+    and std/√n, and a flow against itself gives exactly 0 ± 0."""
+    x = 0.5 + 1.5 * torch.randn(4000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    m, s = torch.tensor([0.5, 0.4], dtype=torch.float64), torch.tensor([1.5, 1.2], dtype=torch.float64)
+    a, b = Flow(2).double(), Flow(2, shift=m, scale=s).double()
+    per_point = 0.5 * x.pow(2).sum(1) - 0.5 * ((x - m) / s).pow(2).sum(1) - s.log().sum()
+    result = nll_difference(a, b, x)
+    assert result.n == 4000 and result.value == pytest.approx(float(per_point.mean()), rel=1e-12)
+    assert result.stderr == pytest.approx(float(per_point.std() / math.sqrt(4000)), rel=1e-10)
+    assert result.value == pytest.approx(nll(a, x) - nll(b, x), rel=1e-12) and result.value > 0.1
+    assert nll_difference(b, b, x) == (0.0, 0.0, 4000)

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -145,6 +146,16 @@ def test_compare_writes_table_and_plot(tmp_path):
     text = (out / "compare.md").read_text()
     assert "median heuristic" in text and "exact (POT" in text and "| jkoflow |" in text
     assert "KL(data ‖ model) (nats) |" in text and " ± " in text
+    paired = re.search(
+        r"Test NLL jkoflow − OT-Flow: ([+-][0-9.]+) ± ([0-9.]+) nats \(paired over the (\d+)", text
+    )
+    nlls = [float(r["test_nll"]) for r in rows]
+    assert float(paired[1]) == pytest.approx(nlls[0] - nlls[1], abs=2e-4) and float(paired[2]) > 0
+    assert int(paired[3]) == 400  # the test split of 4000 rows
+    for row, run in zip(rows, ("jko", "otflow"), strict=True):
+        run_summary = json.loads((out / run / "summary.json").read_text())
+        assert float(row["step_doubling_change"]) == pytest.approx(run_summary["step_doubling_change"])
+        assert abs(run_summary["step_doubling_change"]) < 0.05 and run_summary["step_check_rows"] == 400
     summary = json.loads((out / "otflow" / "summary.json").read_text())
     config = json.loads((out / "otflow" / "config.json").read_text())
     assert config["method"] == "otflow" and config["otflow"]["alpha_c"] == 15.0  # checkerboard preset
