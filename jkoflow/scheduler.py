@@ -554,9 +554,11 @@ class _Trainer:
                 cached = {name: self._push(block, c) for name, c in cached.items()}
         return cached
 
-    def _push(self, block: Block, cached: _Cached) -> _Cached:
-        """Samples of p_k from those of p_{k−1}: x ↦ T_k(x), logdet += ℓ_k(x)."""
-        z, logdet = self._map(lambda part: integrate(block, part, self.flow.steps), cached.x)
+    def _push(self, block: Block, cached: _Cached, steps: int | None = None) -> _Cached:
+        """Samples of p_k from those of p_{k−1}: x ↦ T_k(x), logdet += ℓ_k(x),
+        with ``steps`` RK4 steps (default: the flow's)."""
+        steps = steps or self.flow.steps
+        z, logdet = self._map(lambda part: integrate(block, part, steps), cached.x)
         return _Cached(z, cached.logdet + logdet)
 
     def _fit(
@@ -617,8 +619,8 @@ class _Trainer:
         block at 2·steps RK4 steps minus that at ``steps``. A block that fits
         its discrete RK4 map rather than the ODE shows up here."""
         rows = min(len(before.x), STEP_CHECK_ROWS)
-        z, logdet = self._map(lambda part: integrate(block, part, 2 * self.flow.steps), before.x[:rows])
-        doubled = _Cached(z, before.logdet[:rows] + logdet)
+        head = _Cached(before.x[:rows], before.logdet[:rows])
+        doubled = self._push(block, head, 2 * self.flow.steps)
         return doubled.nll() - _Cached(after.x[:rows], after.logdet[:rows]).nll()
 
     def _lr(self, it: int, iters: int, scale: float) -> float:
