@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
-import ot
 import torch
 
 from .flow import Flow, as_data_tensor
@@ -189,6 +188,8 @@ def wasserstein2(
     over ``projections`` random directions, a different (smaller) quantity.
     ``"auto"``: exact up to ``max_exact`` points per side, sliced beyond.
     """
+    import ot  # POT: imported at first use, not by `import jkoflow`
+
     xa, ya = _as_array(x), _as_array(y)
     if method == "auto":
         method = "exact" if max(len(xa), len(ya)) <= max_exact else "sliced"

@@ -19,7 +19,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
 from blocks import Block, PotentialBlock
 
@@ -85,6 +84,8 @@ def integrate(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    from torchdiffeq import odeint  # imported here: it pulls in scipy, which `import jkoflow` does not need
+
     zeros = x.new_zeros(x.shape[0])
     grid = torch.linspace(t0, t1, steps + 1, dtype=x.dtype, device=x.device)
     if hjb:
