@@ -1,4 +1,4 @@
-r"""A free-form block: v = MLP([x, t]), divergence by autograd (DESIGN.md §3.2).
+r"""A free-form block: v = MLP([x, t]), divergence by autograd (docs/design.md, "Blocks").
 
 The FFJORD-style comparison to the OT-Flow potential block: no structure on
 the field, so the exact divergence costs about d backward passes

@@ -1,7 +1,8 @@
 r"""The OT-Flow potential block: v = -∇_x Φ(x, t) with a closed-form exact trace.
 
 Reference: Onken, Wu Fung, Li, Ruthotto, "OT-Flow: Fast and Accurate Continuous
-Normalizing Flows via Optimal Transport", AAAI 2021 (DESIGN.md §3.1).
+Normalizing Flows via Optimal Transport", AAAI 2021, https://arxiv.org/abs/2006.00104
+(docs/design.md, "The OT-Flow potential and its exact trace").
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class _JacobianLayer(torch.autograd.Function):
 
 @register("otflow")
 class OTFlowBlock(PotentialBlock):
-    r"""OT-Flow potential block (DESIGN.md §3.1).
+    r"""OT-Flow potential block.
 
     With s = (x, t) ∈ R^{d+1},
 
@@ -194,7 +195,7 @@ class OTFlowBlock(PotentialBlock):
         return u @ self.w + 0.5 * As.pow(2).sum(1) + s @ self.linear + self.c
 
     def derivatives(self, z: Tensor, t: float | Tensor) -> PotentialDerivatives:
-        r"""∇_x Φ, ∂_t Φ and tr ∇_x² Φ in closed form (DESIGN.md §3.1).
+        r"""∇_x Φ, ∂_t Φ and tr ∇_x² Φ in closed form (docs/design.md, "The OT-Flow potential and its exact trace").
 
         Cost O(M·m²·d) per sample. The Jacobians J_i = ∇_x u_i are kept in an
         (n, d, m) layout so that each update K_i J_{i−1} is one (n·d × m)·(m × m)

@@ -1,4 +1,5 @@
-r"""Time slices of a block, the generic refinement of DESIGN.md §4.
+r"""Time slices of a block, the generic refinement of docs/design.md,
+"The scheduler and its stages".
 
 Slice j of c of a block with velocity v is the block
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md §6). Functions of flows and sample arrays;
+"""Evaluation metrics (docs/design.md, "Evaluation and metrics"). Functions of flows and sample arrays;
 none knows how a flow was trained."""
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ STEP_CHECK_ROWS = 10_000
 
 def step_doubling_change(flow: Flow, x: Any, chunk_size: int = 16384) -> float:
     """NLL(x) at 2·``flow.steps`` RK4 steps per block minus NLL(x) at ``flow.steps``
-    (nats per sample): the integration error of a reported NLL. DESIGN.md §1
-    asks for |change| < 1e-3; a flow trained with too few steps can fit the
+    (nats per sample): the integration error of a reported NLL. Reports ask for
+    |change| < 1e-3 (docs/design.md, "Integration"); a flow trained with too few steps can fit the
     discrete map rather than the ODE, and then this is large.
 
     Example:

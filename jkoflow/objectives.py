@@ -1,6 +1,6 @@
 r"""Training objectives, both on the one integrator.
 
-The JKO step of DESIGN.md §2 (block k, step h_k):
+The JKO step (docs/design.md, "The JKO step"; block k, step h_k):
 
 .. math::
     J_k(θ) = E_{x∼p_{k-1}}\big[½‖T_k(x)‖² − ℓ_k(x)\big] + \frac{1}{h_k} E\,[C_k(x)]
@@ -8,7 +8,7 @@ The JKO step of DESIGN.md §2 (block k, step h_k):
 with the transport cost C_k = L_k = ∫½‖v‖² dt (``"path"``, the dynamic
 Benamou–Brenier form) or C_k = ½‖T_k(x) − x‖² (``"endpoint"``).
 
-The monolithic OT-Flow objective of DESIGN.md §5 (one block over [0, 1]):
+The monolithic OT-Flow objective (docs/design.md, "The OT-Flow baseline"; one block over [0, 1]):
 
 .. math::
     J(θ) = α_C\,E\big[½‖z(1)‖² − ℓ(1) + \tfrac d2 \log 2π\big] + E[L(1)] + α_R\,E[R(1)]

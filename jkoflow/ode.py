@@ -1,7 +1,7 @@
 r"""The one integrator of jkoflow: fixed-step RK4 over the augmented state.
 
 For a block with velocity v and divergence div v, :func:`integrate` solves
-(DESIGN.md §1)
+(docs/design.md, "Integration")
 
 .. math::
     \dot z = v(z, t), \quad \dot ℓ = \nabla\cdot v(z, t), \quad \dot L = ½‖v(z, t)‖²,

@@ -1,4 +1,4 @@
-"""The run directory (DESIGN.md §8): what a training run leaves on disk and how
+"""The run directory (docs/design.md, "The run directory"): what a training run leaves on disk and how
 commands read it back.
 
     config.json     data and trainer configs, library versions, threads
