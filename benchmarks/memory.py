@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ COLUMNS = [
 ]
 
 
-def peak_allocated(fn) -> tuple[float, object]:
+def peak_allocated(fn: Callable[[], object]) -> tuple[float, object]:
     """Peak bytes allocated by torch's CPU allocator during ``fn()`` (above what was alive
     before it), read from the profiler's memory events; returns ``(bytes, fn())``."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

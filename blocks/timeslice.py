@@ -40,9 +40,13 @@ class TimeSlice(Block):
         >>> halves = blocks.time_slices(parent, 2)
         >>> [(s.index, s.count) for s in halves]
         [(0, 2), (1, 2)]
+
+    References:
+        | Normalizing flow neural networks by JKO scheme (Xu et al., 2023)
+        | https://arxiv.org/abs/2212.14424
     """
 
-    def __init__(self, dim: int, parent: Block | dict[str, Any], index: int, count: int):
+    def __init__(self, dim: int, parent: Block | dict[str, Any], index: int, count: int) -> None:
         super().__init__()
         if isinstance(parent, dict):
             parent = make(parent["type"], **parent["config"])
