@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -62,7 +63,7 @@ def nll_table(names: list[str], max_seconds: float, iters: int = 0, batch_size: 
     print("\n".join(rows))
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):

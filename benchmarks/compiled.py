@@ -11,6 +11,7 @@ about a minute on a small CPU.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -42,7 +43,7 @@ def _make(dim: int, width: int, depth: int, seed: int) -> blocks.Block:
     return blocks.make("otflow", dim=dim, width=width, depth=depth)
 
 
-def _step(block: blocks.Block, x: torch.Tensor, config: JKOConfig):
+def _step(block: blocks.Block, x: torch.Tensor, config: JKOConfig) -> Callable[[], None]:
     optimizer = torch.optim.Adam(block.parameters(), lr=1e-3)
 
     def step() -> None:
@@ -53,7 +54,7 @@ def _step(block: blocks.Block, x: torch.Tensor, config: JKOConfig):
     return step
 
 
-def _first(step) -> float:
+def _first(step: Callable[[], None]) -> float:
     start = time.perf_counter()
     step()
     return time.perf_counter() - start

@@ -1,7 +1,7 @@
 r"""(c) Peak memory while training block k, k = 1..K: it must not grow with k.
 
 Block k trains on samples of p_{k−1} cached after pushing the data through the
-frozen blocks 1..k−1 (DESIGN.md §2), so nothing of the earlier blocks is on the
+frozen blocks 1..k−1 (docs/design.md, "The JKO step"), so nothing of the earlier blocks is on the
 autograd tape. Each block is added by one incremental call
 ``train_jko(x, flow=flow, config=JKOConfig(max_blocks=k))`` (push the sets
 through the flow so far, train block k, push them through block k).
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ COLUMNS = [
 ]
 
 
-def peak_allocated(fn) -> tuple[float, object]:
+def peak_allocated(fn: Callable[[], object]) -> tuple[float, object]:
     """Peak bytes allocated by torch's CPU allocator during ``fn()`` (above what was alive
     before it), read from the profiler's memory events; returns ``(bytes, fn())``."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -20,20 +20,25 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks import compiled, memory, nll, step, trace
+from benchmarks import compiled, memory, nll, startup, step, trace
 from benchmarks.common import Table
 
 __all__ = ["DEFAULT", "NAMES", "main"]
 
-NAMES = ("trace", "step", "memory", "nll", "compile")
-DEFAULT = ("trace", "step", "memory")  # nll (~30 min) and compile (~1 min each): opt in with --only
+NAMES = ("trace", "step", "memory", "nll", "compile", "startup")
+DEFAULT = (
+    "trace",
+    "step",
+    "memory",
+    "startup",
+)  # nll (~30 min) and compile (~1 min each): opt in with --only
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="jkoflow performance suite: (a) trace cost, (b) training step, (c) memory per block, "
-        "(d) time to NLL, (e) torch.compile.",
+        "(d) time to NLL, (e) torch.compile, (f) start-up time.",
     )
     parser.add_argument(
         "--only",
@@ -107,7 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sizes["budget_batches"] = args.nll_batches
             table = nll.run(out, **sizes)
         else:
-            module = {"trace": trace, "step": step, "memory": memory, "compile": compiled}[name]
+            module = {
+                "trace": trace,
+                "step": step,
+                "memory": memory,
+                "compile": compiled,
+                "startup": startup,
+            }[name]
             table = module.run(**module.SIZES[args.size])
         table.notes.append(f"({time.perf_counter() - tick:.0f} s, load average after: {_load()})")
         table.write(out)

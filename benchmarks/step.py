@@ -81,7 +81,11 @@ def _time_one_dim(
 
 
 def run(
-    dims=(2, 43), width: int | None = None, batch: int | None = None, repeats: int = 5, seed: int = 0
+    dims: tuple[int, ...] = (2, 43),
+    width: int | None = None,
+    batch: int | None = None,
+    repeats: int = 5,
+    seed: int = 0,
 ) -> Table:
     """Times one training step of each method for every d; returns the table."""
     jko, ot = JKOConfig(), OTFlowConfig()

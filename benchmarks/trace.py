@@ -20,12 +20,17 @@ shape, measured right before each row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 import blocks
 from blocks import divergence_exact, divergence_hutchinson
 
 from .common import Column, Table, gemm, interleaved_medians
+
+Method = Callable[[bool], tuple[torch.Tensor, torch.Tensor]]
+"""(v, div) of a block on the benchmark's batch; the flag keeps the graph for a backward."""
 
 __all__ = ["SIZES", "run"]
 
@@ -70,25 +75,25 @@ def _autograd_field(
     return z, -grad
 
 
-def _methods(block: blocks.OTFlowBlock, z: torch.Tensor, noise: torch.Tensor, t: float):
+def _methods(block: blocks.OTFlowBlock, z: torch.Tensor, noise: torch.Tensor, t: float) -> dict[str, Method]:
     """The three ways to get (v, div v); ``train`` keeps the graph for the parameter backward."""
 
-    def closed(train: bool):
+    def closed(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.set_grad_enabled(train):
             return block(z, t)
 
-    def autograd(train: bool):
+    def autograd(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         zz, v = _autograd_field(block, z, t)
         return v, divergence_exact(v, zz, create_graph=train)
 
-    def hutch(train: bool):
+    def hutch(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         zz, v = _autograd_field(block, z, t)
         return v, divergence_hutchinson(v, zz, noise, create_graph=train)
 
     return {"closed": closed, "autograd": autograd, "hutch": hutch}
 
 
-def _step(method, train: bool, block: blocks.OTFlowBlock):
+def _step(method: Method, train: bool, block: blocks.OTFlowBlock) -> Callable[[], None]:
     def call() -> None:
         v, div = method(train)
         if train:
@@ -99,8 +104,8 @@ def _step(method, train: bool, block: blocks.OTFlowBlock):
 
 
 def run(
-    dims=(2, 8, 43, 63),
-    widths=(64, 256),
+    dims: tuple[int, ...] = (2, 8, 43, 63),
+    widths: tuple[int, ...] = (64, 256),
     batch: int = 2000,
     depth: int = 2,
     repeats: int = 3,

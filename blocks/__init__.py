@@ -1,5 +1,5 @@
 """Block types for jkoflow: the block protocol, a registry by name, and the
-block types shipped with the library.
+block types shipped with the library (docs/design.md, "Blocks").
 
 Example:
     >>> import blocks

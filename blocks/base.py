@@ -59,6 +59,20 @@ class Block(nn.Module, abc.ABC):
     Attributes:
         name: The registry name, set by :func:`blocks.register`.
         dim: The dimension d of the state.
+
+    Example:
+        >>> import torch, blocks
+        >>> class Shrink(blocks.Block):  # v = −z, div v = −d
+        ...     def __init__(self, dim: int, width: int = 0, depth: int = 0) -> None:
+        ...         super().__init__()
+        ...         self.dim = dim
+        ...     def forward(self, z, t):
+        ...         return -z, z.new_full((z.shape[0],), -float(self.dim))
+        ...     def config(self):
+        ...         return {"dim": self.dim}
+        >>> v, div = Shrink(3)(torch.ones(2, 3), 0.0)
+        >>> v[0].tolist(), div.tolist()
+        ([-1.0, -1.0, -1.0], [-3.0, -3.0])
     """
 
     name: ClassVar[str] = ""
@@ -92,6 +106,12 @@ class PotentialDerivatives(NamedTuple):
         grad_x: ∇_x Φ, shape (n, d).
         dphi_dt: ∂_t Φ, shape (n,).
         laplacian: tr ∇_x² Φ (spatial Hessian trace), shape (n,).
+
+    Example:
+        >>> import torch, blocks
+        >>> d = blocks.make("otflow", dim=3, width=8).derivatives(torch.randn(4, 3), 0.5)
+        >>> d.grad_x.shape, d.dphi_dt.shape, d.laplacian.shape
+        (torch.Size([4, 3]), torch.Size([4]), torch.Size([4]))
     """
 
     grad_x: Tensor
@@ -105,6 +125,19 @@ class PotentialBlock(Block):
     Subclasses implement :meth:`potential` and :meth:`derivatives`; the
     velocity, divergence (−tr ∇_x² Φ) and the HJB residual ∂_tΦ − ½‖∇_xΦ‖²
     used by the OT-Flow baseline follow from them.
+
+    Example:
+        >>> import torch, blocks
+        >>> blk = blocks.make("otflow", dim=2, width=8)
+        >>> z = torch.randn(5, 2)
+        >>> v, div = blk(z, 0.3)
+        >>> d = blk.derivatives(z, 0.3)
+        >>> bool(torch.equal(v, -d.grad_x)), bool(torch.equal(div, -d.laplacian))
+        (True, True)
+
+    References:
+        | OT-Flow: Fast and Accurate Continuous Normalizing Flows via Optimal Transport (Onken et al., 2021)
+        | https://arxiv.org/abs/2006.00104
     """
 
     @abc.abstractmethod

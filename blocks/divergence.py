@@ -33,6 +33,11 @@ def divergence_exact(v: Tensor, z: Tensor, create_graph: bool = False) -> Tensor
         >>> v = z * torch.tensor([1.0, 2.0, 3.0])
         >>> divergence_exact(v, z)
         tensor([6., 6., 6., 6.])
+
+    References:
+        | FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative Models
+        | (Grathwohl et al., 2019)
+        | https://arxiv.org/abs/1810.01367
     """
     _check(v, z)
     n, d = z.shape
@@ -64,6 +69,15 @@ def divergence_hutchinson(
         >>> z = torch.randn(4, 3, requires_grad=True)
         >>> divergence_hutchinson(2.0 * z, z)  # exact for a multiple of the identity
         tensor([6., 6., 6., 6.])
+
+    References:
+        | A Stochastic Estimator of the Trace of the Influence Matrix for Laplacian
+        | Smoothing Splines (Hutchinson, 1989)
+        | https://doi.org/10.1080/03610918908812806
+
+        | FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative Models
+        | (Grathwohl et al., 2019)
+        | https://arxiv.org/abs/1810.01367
     """
     _check(v, z)
     if noise is None:

@@ -1,4 +1,4 @@
-r"""A free-form block: v = MLP([x, t]), divergence by autograd (DESIGN.md §3.2).
+r"""A free-form block: v = MLP([x, t]), divergence by autograd (docs/design.md, "Blocks").
 
 The FFJORD-style comparison to the OT-Flow potential block: no structure on
 the field, so the exact divergence costs about d backward passes
@@ -62,11 +62,20 @@ class MLPBlock(Block):
         >>> v, div = blk(torch.randn(5, 2), 0.5)
         >>> v.shape, div.shape, bool((v == 0).all())  # zero last layer: v = 0
         (torch.Size([5, 2]), torch.Size([5]), True)
+
+    References:
+        | FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative Models
+        | (Grathwohl et al., 2019)
+        | https://arxiv.org/abs/1810.01367
+
+        | A Stochastic Estimator of the Trace of the Influence Matrix for Laplacian
+        | Smoothing Splines (Hutchinson, 1989)
+        | https://doi.org/10.1080/03610918908812806
     """
 
     def __init__(
         self, dim: int, width: int = 32, depth: int = 1, activation: str = "tanh", hutchinson: bool = False
-    ):
+    ) -> None:
         super().__init__()
         for key, value, least in (("dim", dim, 1), ("width", width, 1), ("depth", depth, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:

@@ -1,6 +1,7 @@
 """A user-defined block type, registered in this script and trained by name.
 
     python examples/custom_block.py          # under a minute on 2 CPU cores
+    JKOFLOW_EXAMPLE_TINY=1 python examples/custom_block.py   # seconds: tiny sizes, as the tests run it
 
 The block is a one-hidden-layer field v(x, t) = U tanh(W x + a t + b) + c. Its
 Jacobian is U diag(1 − s²) W with s = tanh(W x + a t + b), so the exact
@@ -9,6 +10,7 @@ sample, no autograd. (For a field without such a formula, compute ``div``
 with ``blocks.divergence_exact(v, z)`` as the built-in ``mlp`` block does.)
 """
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -27,7 +29,7 @@ torch.set_num_threads(1)
 class RidgeBlock(blocks.Block):
     """v = U tanh(W x + a t + b) + c with width m ridge functions."""
 
-    def __init__(self, dim: int, width: int = 64, depth: int = 1):  # depth: unused, accepted by name
+    def __init__(self, dim: int, width: int = 64, depth: int = 1) -> None:  # depth: unused, accepted by name
         super().__init__()
         self.dim, self.width = dim, width
         self.W = nn.Parameter(torch.randn(width, dim) / dim**0.5)
@@ -46,14 +48,19 @@ class RidgeBlock(blocks.Block):
         return {"dim": self.dim, "width": self.width}  # JSON-able constructor arguments
 
 
-x = datasets.load("8gaussians", n=30_000, seed=0)
+TINY = os.environ.get("JKOFLOW_EXAMPLE_TINY") == "1"  # smoke-test sizes (the numbers mean nothing)
+N, ITERS, BATCH, BLOCKS = (3_000, 5, 256, 2) if TINY else (30_000, 200, 1024, 4)
+
+x = datasets.load("8gaussians", n=N, seed=0)
 x_train, x_val, x_test = datasets.split(x, seed=0)
-config = jkoflow.JKOConfig(block="ridge", width=64, iters=200, batch_size=1024, max_blocks=4, lr=0.02)
-flow, history = jkoflow.train_jko(x_train, x_val=x_val, x_test=x_test, config=config, progress=True)
+config = jkoflow.JKOConfig(block="ridge", width=64, iters=ITERS, batch_size=BATCH, max_blocks=BLOCKS, lr=0.02)
+flow, history = jkoflow.train_jko(x_train, x_val=x_val, x_test=x_test, config=config, progress=not TINY)
 print(f"{len(flow)} ridge blocks, test NLL {nll(flow, x_test):.4f} nats ({flow.steps} RK4 steps per block)")
 
 # Mixed flow: OT-Flow blocks first, then ridge blocks, chosen per block in the config.
-mixed = jkoflow.JKOConfig(block_types=("otflow", "ridge"), width=32, iters=200, batch_size=1024, max_blocks=3)
+mixed = jkoflow.JKOConfig(
+    block_types=("otflow", "ridge"), width=32, iters=ITERS, batch_size=BATCH, max_blocks=min(3, BLOCKS)
+)
 flow2, _ = jkoflow.train_jko(x_train, x_val=x_val, config=mixed)
 print(f"mixed flow {[type(b).name for b in flow2.blocks]}: test NLL {nll(flow2, x_test):.4f} nats")
 

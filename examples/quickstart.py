@@ -2,8 +2,10 @@
 save and load it again.
 
     python examples/quickstart.py            # about 3 minutes on 2 CPU cores
+    JKOFLOW_EXAMPLE_TINY=1 python examples/quickstart.py   # seconds: tiny sizes, as the tests run it
 """
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -15,13 +17,16 @@ from jkoflow.metrics import inversion_error, nll
 
 torch.set_num_threads(1)  # small ops on few cores run fastest single-threaded
 
+TINY = os.environ.get("JKOFLOW_EXAMPLE_TINY") == "1"  # smoke-test sizes (the numbers mean nothing)
+SIZE = {"n": 3_000, "width": 8, "iters": 5} if TINY else {"n": 60_000, "width": 32, "iters": 300}
+
 # 1. Data: a seeded toy sample, split into train / validation / test.
-x = datasets.load("8gaussians", n=60_000, seed=0)
+x = datasets.load("8gaussians", n=SIZE["n"], seed=0)
 x_train, x_val, x_test = datasets.split(x, seed=0)
 
 # 2. Train blocks one at a time until the per-block movement Ter(k) < ter_eps.
-config = jkoflow.JKOConfig(width=32, iters=300, max_blocks=4)
-flow, history = jkoflow.train_jko(x_train, x_val=x_val, x_test=x_test, config=config, progress=True)
+config = jkoflow.JKOConfig(width=SIZE["width"], iters=SIZE["iters"], max_blocks=2 if TINY else 4)
+flow, history = jkoflow.train_jko(x_train, x_val=x_val, x_test=x_test, config=config, progress=not TINY)
 for block in history.blocks:
     print(
         f"block {block['index'] + 1}: h={block['h']:.2f}  W={block['w2']:.3f}  "

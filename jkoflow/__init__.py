@@ -1,39 +1,62 @@
 """jkoflow: continuous normalizing flows trained block by block with the JKO scheme.
 
+The public names are loaded on first use (PEP 562), so ``import jkoflow`` and
+the command line's ``--help`` do not pay for torch, POT or matplotlib until a
+name that needs them is touched; ``from jkoflow import Flow`` works as usual.
+See ``docs/design.md`` for what the library computes.
+
 Example:
     >>> import jkoflow
     >>> x = jkoflow.datasets.load("checkerboard", n=2000)
     >>> x.shape
     (2000, 2)
+    >>> "train_jko" in dir(jkoflow)
+    True
 """
 
-from . import datasets
-from .config import DataConfig, JKOConfig
-from .errors import InputError
-from .flow import Flow
-from .objectives import JKOLoss, OTFlowLoss, gaussian_log_prob, jko_loss, otflow_loss
-from .ode import ODEResult, integrate
-from .otflow import OTFlowConfig, OTFlowHistory, train_otflow
-from .scheduler import JKOHistory, train_jko
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DataConfig",
-    "Flow",
-    "InputError",
-    "JKOConfig",
-    "JKOHistory",
-    "JKOLoss",
-    "ODEResult",
-    "OTFlowConfig",
-    "OTFlowHistory",
-    "OTFlowLoss",
-    "datasets",
-    "gaussian_log_prob",
-    "integrate",
-    "jko_loss",
-    "otflow_loss",
-    "train_jko",
-    "train_otflow",
-]
+_ATTRIBUTES = {
+    "DataConfig": ".config",
+    "JKOConfig": ".config",
+    "InputError": ".errors",
+    "TrainingError": ".errors",
+    "Flow": ".flow",
+    "JKOLoss": ".objectives",
+    "OTFlowLoss": ".objectives",
+    "gaussian_log_prob": ".objectives",
+    "jko_loss": ".objectives",
+    "otflow_loss": ".objectives",
+    "ODEResult": ".ode",
+    "integrate": ".ode",
+    "OTFlowConfig": ".otflow",
+    "OTFlowHistory": ".otflow",
+    "train_otflow": ".otflow",
+    "JKOHistory": ".scheduler",
+    "train_jko": ".scheduler",
+}
+"""Public name -> the module that defines it."""
+
+_SUBMODULES = ("datasets", "metrics", "plots")
+
+__all__ = sorted([*_ATTRIBUTES, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    """Imports the module behind a public name at its first use (PEP 562)."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _ATTRIBUTES:
+        value = getattr(importlib.import_module(_ATTRIBUTES[name], __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -2,6 +2,11 @@
 
 Exit status: 0 success, 2 bad input (one line on stderr), 1 failed training,
 130 interrupted (Ctrl-C; a train run can be resumed with --resume).
+
+Start-up: this module imports neither torch nor the trainers at import time.
+Each sub-command's options are added when that sub-command is parsed (they
+are read from the config dataclasses, which need torch), and the commands
+import what they use, so ``jkoflow -h`` answers at once.
 """
 
 from __future__ import annotations
@@ -9,31 +14,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import numpy as np
-import torch
-
-from . import datasets
-from .compare import compare
-from .config import CACHE_POLICIES, DTYPES, DataConfig, JKOConfig, config_from_dict, resolve_device
-from .distributed import launched, world_from_env
 from .errors import InputError, TrainingError
-from .flow import Flow
-from .metrics import nll
-from .otflow import OTFLOW_PRESETS, OTFlowConfig
-from .run import (
-    RunFiles,
-    flow_figures,
-    load_data,
-    read_json,
-    run_jko,
-    run_otflow,
-    target_kl,
-    write_json,
-    write_plots,
-)
+
+if TYPE_CHECKING:
+    from .config import DataConfig, JKOConfig
+    from .flow import Flow
+    from .run import RunFiles
 
 __all__ = ["main"]
 
@@ -100,21 +89,56 @@ OTFLOW_HELP = {
     "device": "torch device: cpu, cuda, cuda:N",
     "dtype": "float32 or float64",
 }
-DATA_CHOICES = (
-    f"toy name ({', '.join(datasets.TOY_NAMES)}), target spec (gmm:d=8,k=5,seed=0, banana:d=8,b=0.25), "
-    f"tabular set ({', '.join(datasets.TABULAR_NAMES)}) or a .npy/.csv file"
-)
-CHOICES = {
-    "transport": ("path", "endpoint"),
-    "reparam_rule": ("ratio", "arclength"),
-    "dtype": tuple(DTYPES),
-    "cache_device": CACHE_POLICIES,
-}
 CONFIG_FILE_KEYS = {"method", "data", "train", "otflow", "threads", "versions"}
 
 
+def _data_choices() -> str:
+    """The help text of ``--data``."""
+    from . import datasets
+
+    return (
+        f"toy name ({', '.join(datasets.TOY_NAMES)}), target spec (gmm:d=8,k=5,seed=0, banana:d=8,b=0.25), "
+        f"tabular set ({', '.join(datasets.TABULAR_NAMES)}) or a .npy/.csv file"
+    )
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of the config options that take a name."""
+    from .config import CACHE_POLICIES, DTYPES
+
+    return {
+        "transport": ("path", "endpoint"),
+        "reparam_rule": ("ratio", "arclength"),
+        "dtype": tuple(DTYPES),
+        "cache_device": CACHE_POLICIES,
+    }
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit status 2."""
+    """argparse with one-line errors and exit status 2.
+
+    ``options`` (sub-commands only) adds the parser's arguments when it is
+    first used, so that building the top-level parser imports nothing heavy.
+    """
+
+    def __init__(
+        self, *args: Any, options: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._options = options
+
+    def _populate(self) -> None:
+        if self._options is not None:
+            options, self._options = self._options, None
+            options(self)
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        self._populate()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._populate()
+        return super().format_help()
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -123,6 +147,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_config_options(parser: argparse.ArgumentParser, cls: type, help: dict[str, str]) -> None:
     """One ``--option`` per documented field of the config dataclass ``cls``;
     unset options stay None so that a --config file or the default applies."""
+    choices = _choices()
     for field in dataclasses.fields(cls):
         if field.name not in help:
             continue
@@ -137,28 +162,37 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, help: dict[s
             parser.add_argument(flag, type=kind, nargs="+", metavar=metavar, default=None, help=text)
         else:
             parser.add_argument(
-                flag, type=type(default), choices=CHOICES.get(field.name), default=None, help=text
+                flag, type=type(default), choices=choices.get(field.name), default=None, help=text
             )
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    """The top-level parser; each sub-command's options are added when it is parsed."""
     parser = _Parser(prog="jkoflow", description="Block-wise JKO training of continuous normalizing flows.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (help, options) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help, options=options)
+    return parser
 
-    train = _add_run_parser(sub, "train", "train a block-wise JKO flow", "data and train", resumable=True)
+
+def _train_options(train: argparse.ArgumentParser) -> None:
+    from .config import JKOConfig
+
+    _add_run_options(train, "data and train", resumable=True)
     _add_config_options(train, JKOConfig, TRAIN_HELP)
     _add_common(train)
 
-    otflow = _add_run_parser(sub, "otflow", "train the monolithic OT-Flow baseline", "data and otflow")
+
+def _otflow_options(otflow: argparse.ArgumentParser) -> None:
+    from .otflow import OTFlowConfig
+
+    _add_run_options(otflow, "data and otflow")
     _add_config_options(otflow, OTFlowConfig, OTFLOW_HELP)
     _add_common(otflow)
 
-    comp = _add_run_parser(
-        sub,
-        "compare",
-        "train jkoflow and OT-Flow on the same split; table and plots",
-        "data, train and otflow",
-    )
+
+def _compare_options(comp: argparse.ArgumentParser) -> None:
+    _add_run_options(comp, "data, train and otflow")
     comp.add_argument("--width", type=int, default=None, help="hidden width of both models (same capacity)")
     comp.add_argument("--budget-batches", type=int, default=None, help="the same mini-batch budget for both")
     comp.add_argument(
@@ -167,7 +201,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_device(comp, "of both trainers", default=None)
     _add_common(comp)
 
-    sample = sub.add_parser("sample", help="draw samples from a trained flow")
+
+def _sample_options(sample: argparse.ArgumentParser) -> None:
     sample.add_argument("run", help="run directory")
     sample.add_argument("-n", type=int, required=True, help="number of samples")
     sample.add_argument("-o", "--output", required=True, help="output .npy file")
@@ -175,7 +210,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_device(sample, "to sample on")
     _add_common(sample)
 
-    evaluate = sub.add_parser("eval", help="test NLL and inversion error of a trained flow")
+
+def _eval_options(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("run", help="run directory")
     evaluate.add_argument("--data", help="data to evaluate on (default: the run's own test split)")
     evaluate.add_argument("--data-root", help="directory of the tabular sets (default: the run's)")
@@ -189,20 +225,19 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_device(evaluate, "to evaluate on")
     _add_common(evaluate)
 
-    plot = sub.add_parser("plot", help="redraw a run's plots")
+
+def _plot_options(plot: argparse.ArgumentParser) -> None:
     plot.add_argument("run", help="run directory")
     _add_device(plot, "to sample on")
     _add_common(plot)
-    return parser
 
 
-def _add_run_parser(
-    sub: Any, name: str, help: str, sections: str, resumable: bool = False
-) -> argparse.ArgumentParser:
-    """A verb that creates a run: --data, --out, --config, --seed, --overwrite
-    and the data options; with ``resumable`` also --resume DIR instead of --out."""
-    parser = sub.add_parser(name, help=help)
-    parser.add_argument("--data", help=DATA_CHOICES)
+def _add_run_options(parser: argparse.ArgumentParser, sections: str, resumable: bool = False) -> None:
+    """The options of a verb that creates a run: --data, --out, --config, --seed,
+    --overwrite and the data options; with ``resumable`` also --resume DIR instead of --out."""
+    from .config import DataConfig
+
+    parser.add_argument("--data", help=_data_choices())
     if resumable:
         where = parser.add_mutually_exclusive_group(required=True)
         where.add_argument("--out", help="directory to create")
@@ -220,18 +255,19 @@ def _add_run_parser(
     )
     parser.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
     _add_config_options(parser, DataConfig, DATA_HELP)
-    return parser
 
 
 def _add_device(parser: argparse.ArgumentParser, what: str, default: str | None = "cpu") -> None:
     """--device and --dtype of a command (for a trained flow, --dtype defaults to the flow's own)."""
     shown = default or "the config's"
     parser.add_argument("--device", default=default, help=f"torch device {what}: cpu, cuda, cuda:N ({shown})")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="float32 or float64")
+    parser.add_argument("--dtype", choices=_choices()["dtype"], default=None, help="float32 or float64")
 
 
 def _loaded_flow(files: RunFiles, args: argparse.Namespace) -> Flow:
     """The run's flow on ``--device``, in ``--dtype`` when given."""
+    from .config import DTYPES, resolve_device
+
     flow = files.load_flow(resolve_device(args.device))
     return flow if args.dtype is None else flow.to(dtype=DTYPES[args.dtype])
 
@@ -248,6 +284,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _sections(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The config file's sections and the options given on the command line."""
+    from .run import read_json
+
     sections: dict[str, dict[str, Any]] = {"data": {}, "train": {}, "otflow": {}}
     if args.config:
         loaded = read_json(args.config)
@@ -273,14 +311,22 @@ def _sections(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict
     return sections, given
 
 
-def _config(cls: type, section: dict[str, Any], given: dict[str, Any], preset: dict[str, Any] | None = None):
+def _config(
+    cls: type, section: dict[str, Any], given: dict[str, Any], preset: dict[str, Any] | None = None
+) -> Any:
     """``cls`` from its preset, then the config file's section, then the command line."""
+    from .config import config_from_dict
+
     names = {f.name for f in dataclasses.fields(cls)} - {"name", "seed"}
     values = {**(preset or {}), **section, **{k: v for k, v in given.items() if k in names}}
     return config_from_dict(cls, values)
 
 
 def _train(args: argparse.Namespace) -> None:
+    from .config import DataConfig, JKOConfig
+    from .distributed import launched
+    from .run import load_data, run_jko
+
     if args.resume is not None:
         data_config, config = _resumed_configs(args)
         args.out = args.resume
@@ -315,7 +361,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 STEP_DOUBLING_TOLERANCE = 1e-3
-"""Largest |NLL change| when the RK4 steps are doubled that reports accept (DESIGN.md §1)."""
+"""Largest |NLL change| when the RK4 steps are doubled that reports accept
+(docs/design.md, "Integration")."""
 
 
 def _steps_note(figures: dict[str, Any], per: str = "") -> str:
@@ -338,6 +385,9 @@ def _warn_steps(figures: dict[str, Any]) -> None:
 def _resumed_configs(args: argparse.Namespace) -> tuple[DataConfig, JKOConfig]:
     """The data and train configs of the run in ``args.resume``, with the
     options given on the command line."""
+    from .config import DataConfig, JKOConfig, config_from_dict
+    from .run import RunFiles, read_json
+
     fixed = [f"--{k.replace('_', '-')}" for k in ("data", "config", "seed", *DATA_HELP) if getattr(args, k)]
     if args.overwrite:
         fixed.append("--overwrite")
@@ -351,6 +401,10 @@ def _resumed_configs(args: argparse.Namespace) -> tuple[DataConfig, JKOConfig]:
 
 
 def _otflow(args: argparse.Namespace) -> None:
+    from .config import DataConfig
+    from .otflow import OTFLOW_PRESETS, OTFlowConfig
+    from .run import load_data, run_otflow
+
     sections, given = _sections(args)
     data_config = _config(DataConfig, sections["data"], given)
     config = _config(OTFlowConfig, sections["otflow"], given, OTFLOW_PRESETS.get(data_config.name))
@@ -365,6 +419,10 @@ def _otflow(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
+    from .compare import compare
+    from .config import DataConfig, JKOConfig
+    from .otflow import OTFLOW_PRESETS, OTFlowConfig
+
     sections, given = _sections(args)
     budget: dict[str, Any] = {}
     if args.budget_batches is not None:
@@ -397,6 +455,11 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from .run import RunFiles
+
     if args.n < 1:
         raise InputError(f"-n must be a positive integer, got {args.n}")
     if not args.output.endswith(".npy"):
@@ -409,6 +472,10 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from . import datasets
+    from .metrics import nll
+    from .run import RunFiles, flow_figures, load_data, target_kl, write_json
+
     files = RunFiles(args.run).require()
     flow = _loaded_flow(files, args)
     if args.eval_steps is not None:
@@ -445,12 +512,24 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
+    from .run import RunFiles, load_data, read_json, write_plots
+
     files = RunFiles(args.run).require()
     history = read_json(files.history)
     x_test = load_data(files.data_config())[2]
     write_plots(files, _loaded_flow(files, args), history, x_test, seed=files.data_config().seed)
     print(f"redrew the plots of {files.root}")
 
+
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "train": ("train a block-wise JKO flow", _train_options),
+    "otflow": ("train the monolithic OT-Flow baseline", _otflow_options),
+    "compare": ("train jkoflow and OT-Flow on the same split; table and plots", _compare_options),
+    "sample": ("draw samples from a trained flow", _sample_options),
+    "eval": ("test NLL and inversion error of a trained flow", _eval_options),
+    "plot": ("redraw a run's plots", _plot_options),
+}
+"""Sub-command -> (one-line help, the function that adds its options)."""
 
 COMMANDS = {
     "train": _train,
@@ -468,6 +547,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads < 1:
         print(f"jkoflow: error: --threads must be a positive integer, got {args.threads}", file=sys.stderr)
         return 2
+    import torch
+
+    from .distributed import world_from_env
+
     torch.set_num_threads(args.threads)
     main_rank = True
     try:

@@ -75,6 +75,11 @@ class DataConfig:
     (``power``, ``gas``, ``hepmass``, ``miniboone``, ``bsds300``) is read
     under ``data_root`` (empty: ``$JKOFLOW_DATA``, else ``data``) with its
     standard preprocessing and split.
+
+    Example:
+        >>> from jkoflow import DataConfig
+        >>> DataConfig("gmm:d=8,k=5,seed=0", n_samples=5000).to_dict()["n_samples"]
+        5000
     """
 
     name: str = "checkerboard"
@@ -117,6 +122,13 @@ class TrainingConfig:
     learning rate ``lr``; ``train_steps`` RK4 steps per block in training and
     ``eval_steps`` for evaluation and sampling; training stops after
     ``max_seconds`` of optimisation (0: no limit).
+
+    Example:
+        >>> from jkoflow.config import TrainingConfig
+        >>> config = TrainingConfig(block="mlp", width=16, block_options={"mlp": {"activation": "softplus"}})
+        >>> block = config.make_block(dim=3)
+        >>> type(block).__name__, block.width
+        ('MLPBlock', 16)
     """
 
     block: str = "otflow"
@@ -187,7 +199,8 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class JKOConfig(TrainingConfig):
-    """Settings of the block-wise JKO trainer (DESIGN.md §2, §4).
+    """Settings of the block-wise JKO trainer (docs/design.md, "The JKO step" and
+    "The scheduler and its stages").
 
     Shared settings (block, optimisation, integration steps, device) are
     those of :class:`TrainingConfig`.
@@ -213,7 +226,7 @@ class JKOConfig(TrainingConfig):
     Integration: ``train_steps`` RK4 steps per block in training,
     ``eval_steps`` for pushing, NLL and sampling.
 
-    Stages after the initial pass (DESIGN.md §4): up to ``reparam_iters``
+    Stages after the initial pass (docs/design.md, "The scheduler and its stages"): up to ``reparam_iters``
     reparametrisation iterations, h_k ← clip(h_k + η(h*_k − h_k), ``h_min``,
     ``h_max``) with η = ``reparam_eta`` and h*_k = h_k·S̄/S_k
     (``reparam_rule="ratio"``) or the equal-arc-length cut of the cumulative
@@ -239,6 +252,16 @@ class JKOConfig(TrainingConfig):
     on it.
 
     Options that can change when a run is resumed: :data:`RESUMABLE`.
+
+    Example:
+        >>> import jkoflow
+        >>> config = jkoflow.JKOConfig(h0=2.0, rho=2.0, h_max=10.0)
+        >>> [config.step_size(k) for k in range(4)]  # h_k = min(h0·ρ^k, h_max)
+        [2.0, 4.0, 8.0, 10.0]
+
+    References:
+        | Normalizing flow neural networks by JKO scheme (Xu et al., 2023)
+        | https://arxiv.org/abs/2212.14424
     """
 
     iters: int = 1200
@@ -344,7 +367,7 @@ def resume_config(saved: JKOConfig, given: JKOConfig) -> JKOConfig:
     return given
 
 
-def config_from_dict(cls: type, data: dict[str, Any]):
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Builds the dataclass ``cls`` from a dict, rejecting unknown keys."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)

@@ -45,6 +45,12 @@ class Group:
         size: Number of ranks W.
         local_rank: Rank on this node (the CUDA device index).
         backend: ``"gloo"``, ``"nccl"``, or None when not distributed.
+
+    Example:
+        >>> from jkoflow.distributed import Group
+        >>> group = Group()  # one process
+        >>> group.enabled, group.is_main, group.shard(10)
+        (False, True, (0, 10))
     """
 
     rank: int = 0
@@ -202,9 +208,16 @@ class JKOObjective(nn.Module):
 
     ``forward(x, h, steps, transport, weight)`` returns ``weight·(loss, kl,
     transport)``, shape (3,).
+
+    Example:
+        >>> import torch, blocks
+        >>> from jkoflow.distributed import JKOObjective
+        >>> objective = JKOObjective(blocks.make("otflow", dim=2, width=8))
+        >>> objective(torch.randn(32, 2), 5.0, 2, "path", 1.0).shape
+        torch.Size([3])
     """
 
-    def __init__(self, block: Block):
+    def __init__(self, block: Block) -> None:
         super().__init__()
         self.block = block
 

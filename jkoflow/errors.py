@@ -10,6 +10,14 @@ class InputError(ValueError):
 
     The message is one line that says what was wrong and what is expected; the
     command line prints it and exits with status 2.
+
+    Example:
+        >>> import jkoflow
+        >>> try:
+        ...     jkoflow.JKOConfig(iters=0)
+        ... except jkoflow.InputError as error:
+        ...     print(error)
+        iters must be a positive integer, got 0
     """
 
 
@@ -19,8 +27,14 @@ class TrainingError(RuntimeError):
     Attributes:
         block_index: Index of the block whose training failed; the blocks
             before it are finished.
+
+    Example:
+        >>> import jkoflow
+        >>> error = jkoflow.TrainingError("block 3: the loss stayed NaN", block_index=2)
+        >>> error.block_index, isinstance(error, RuntimeError)
+        (2, True)
     """
 
-    def __init__(self, message: str, block_index: int):
+    def __init__(self, message: str, block_index: int) -> None:
         super().__init__(message)
         self.block_index = block_index

@@ -71,6 +71,11 @@ class Flow(nn.Module):
         >>> z, logdet = flow(x)
         >>> bool(torch.allclose(flow.inverse(z), x, atol=1e-4))
         True
+
+    References:
+        | FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative Models
+        | (Grathwohl et al., 2019)
+        | https://arxiv.org/abs/1810.01367
     """
 
     def __init__(
@@ -80,7 +85,7 @@ class Flow(nn.Module):
         steps: int = 8,
         shift: Tensor | None = None,
         scale: Tensor | None = None,
-    ):
+    ) -> None:
         super().__init__()
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InputError(f"steps must be a positive integer, got {steps!r}")

@@ -5,11 +5,12 @@ it works headless and leaves the caller's backend alone."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
 import numpy as np
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "plot_comparison",
@@ -27,7 +28,7 @@ def plot_w2_per_block(history: dict[str, Any], path: str | os.PathLike) -> None:
 
     ``history`` is ``JKOHistory.to_dict()``."""
     stages = history["stages"]
-    fig = Figure(figsize=(14, 4))
+    fig = _figure(figsize=(14, 4))
     axes = fig.subplots(1, 3)
     if len(stages) == 1:
         records = stages[0]["blocks"]
@@ -80,7 +81,7 @@ def plot_w2_per_block(history: dict[str, Any], path: str | os.PathLike) -> None:
 def plot_h_per_block(history: dict[str, Any], path: str | os.PathLike) -> None:
     """Step size h_k per block for every stage (log scale)."""
     stages = history["stages"]
-    fig = Figure(figsize=(6, 4))
+    fig = _figure(figsize=(6, 4))
     ax = fig.subplots()
     for stage, colour in zip(stages, _colours(len(stages)), strict=True):
         h = [r["h"] for r in stage["blocks"]]
@@ -95,7 +96,7 @@ def plot_validation_curve(history: dict[str, Any], path: str | os.PathLike) -> N
     """Validation NLL of an OT-Flow run against mini-batches and seconds, from
     ``OTFlowHistory.to_dict()``; the kept (best) checkpoint is marked."""
     records, best = history["validations"], history.get("best") or {}
-    fig = Figure(figsize=(10, 3.8))
+    fig = _figure(figsize=(10, 3.8))
     axes = fig.subplots(1, 2)
     for ax, key, label in ((axes[0], "n_batches", "mini-batches"), (axes[1], "seconds", "training seconds")):
         ax.plot([r[key] for r in records], [r["val_nll"] for r in records], "-", color="tab:red")
@@ -114,7 +115,7 @@ def plot_comparison(
     """NLL against mini-batches and against seconds for several methods, and
     their samples side by side. ``curves[name]`` holds equal-length lists
     ``n_batches``, ``seconds`` and ``nll``."""
-    fig = Figure(figsize=(4.2 * (2 + len(samples)), 4))
+    fig = _figure(figsize=(4.2 * (2 + len(samples)), 4))
     axes = fig.subplots(1, 2 + len(samples))
     for (name, curve), colour in zip(curves.items(), ("tab:blue", "tab:red", "tab:green"), strict=False):
         for ax, key in ((axes[0], "n_batches"), (axes[1], "seconds")):
@@ -140,7 +141,16 @@ def plot_comparison(
     fig.savefig(path, dpi=110)
 
 
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A new matplotlib figure (matplotlib is imported here, at first use, not by ``import jkoflow``)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def _colours(n: int) -> list:
+    import matplotlib
+
     cmap = matplotlib.colormaps["viridis"]
     return [cmap(v) for v in np.linspace(0.0, 0.85, max(n, 1))][:n]
 
@@ -156,7 +166,7 @@ def plot_samples(
     latent space T(x) (which should look like N(0, I)). 2-D histograms of the
     coordinates ``dims``."""
     i, j = dims
-    fig = Figure(figsize=(12, 4))
+    fig = _figure(figsize=(12, 4))
     axes = fig.subplots(1, 3)
     lim = float(np.quantile(np.abs(np.concatenate([data[:, [i, j]], model[:, [i, j]]])), 0.999)) * 1.05
     panels = [

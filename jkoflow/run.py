@@ -1,4 +1,4 @@
-"""The run directory (DESIGN.md §8): what a training run leaves on disk and how
+"""The run directory (docs/design.md, "The run directory"): what a training run leaves on disk and how
 commands read it back.
 
     config.json     data and trainer configs, library versions, threads
@@ -57,7 +57,7 @@ __all__ = [
 class RunFiles:
     """Paths of the files in a run directory."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.config = self.root / "config.json"
         self.flow = self.root / "flow.pt"
@@ -171,7 +171,9 @@ class IterationLog:
     JKO_FIELDS = ("stage", "block", "iter", "loss", "kl", "transport", "lr", "seconds")
     OTFLOW_FIELDS = ("iter", "n_batches", "seconds", "val_nll", "lr")
 
-    def __init__(self, path: str | os.PathLike, fields: tuple[str, ...], records: list[dict[str, Any]] = ()):
+    def __init__(
+        self, path: str | os.PathLike, fields: tuple[str, ...], records: list[dict[str, Any]] = ()
+    ) -> None:
         """Starts the file with a header and ``records`` (e.g. those of a resumed run)."""
         self._file = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
         self._writer = csv.DictWriter(self._file, fields, extrasaction="ignore")

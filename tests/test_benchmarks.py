@@ -21,7 +21,7 @@ def test_suite_smoke_run(tmp_path, capsys):
         "--size",
         "smoke",
         "--only",
-        "trace,step,memory,nll",
+        "trace,step,memory,nll,startup",
         "--out",
         str(tmp_path),
         "--threads",
@@ -29,7 +29,7 @@ def test_suite_smoke_run(tmp_path, capsys):
     ]
     assert run.main(argv) == 0
     printed = capsys.readouterr().out
-    for name in ("trace", "step", "memory", "nll"):
+    for name in ("trace", "step", "memory", "nll", "startup"):
         assert (tmp_path / f"{name}.md").read_text() in (tmp_path / "results.md").read_text()
         assert f"{name}.csv" in {p.name for p in tmp_path.iterdir()}
     assert "(a) velocity + divergence" in printed and "(d) time to NLL" in printed
@@ -55,6 +55,17 @@ def test_suite_smoke_run(tmp_path, capsys):
     nll = _rows(tmp_path / "nll.csv")
     assert [r["method"] for r in nll] == ["jkoflow", "OT-Flow"]
     assert all(float(r["n_batches"]) == 4 for r in nll)
+
+    startup = {r["command"]: r for r in _rows(tmp_path / "startup.csv")}
+    assert set(startup) == {
+        "python -c pass",
+        "import torch",
+        "import jkoflow",
+        "jkoflow public API",
+        "jkoflow -h",
+    }
+    assert all(float(r["median_s"]) > 0 for r in startup.values())  # every command ran and exited 0
+    assert float(startup["import torch"]["over_torch_s"]) == 0.0
 
 
 def test_bad_arguments_exit_2(tmp_path, capsys):

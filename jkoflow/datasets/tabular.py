@@ -191,7 +191,12 @@ _LOADERS: dict[str, Callable[[list[Path]], Splits]] = {
 
 def load_tabular(name: str, root: str | os.PathLike[str] | None = None) -> Splits:
     """The preprocessed (train, val, test) splits of the tabular set ``name`` (one of
-    ``TABULAR_NAMES``) under :func:`data_root` ``(root)``; float64 arrays (n_part, d)."""
+    ``TABULAR_NAMES``) under :func:`data_root` ``(root)``; float64 arrays (n_part, d).
+
+    References:
+        | Masked Autoregressive Flow for Density Estimation (Papamakarios et al., 2017)
+        | https://arxiv.org/abs/1705.07057
+    """
     if name not in _LOADERS:
         raise InputError(f"unknown tabular data set {name!r}: expected one of {', '.join(TABULAR_NAMES)}")
     base = data_root(root)
