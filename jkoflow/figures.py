@@ -25,6 +25,7 @@ from . import datasets
 from .errors import InputError
 from .flow import Flow, as_data_tensor
 from .inspect import (
+    Trajectories,
     density_grid,
     panel_indices,
     parent_boundaries,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FIGURE_FILES",
+    "PATH_STEPS",
     "plot_corner",
     "plot_density",
     "plot_pushforward",
@@ -106,7 +108,7 @@ def plot_pushforward(
     ks = panel_indices(len(flow), max_panels, parent_boundaries(flow))
     rows = [[_numpy(project(states[k], axes_2d)) for k in ks] for states in (pushed.states, pulled)]
     lim = _limit(rows[0] + rows[1])
-    fig = Figure(figsize=(2.2 * len(ks), 4.9))
+    fig = Figure(figsize=(2.2 * len(ks), 5.0), layout="constrained")
     grid = fig.subplots(2, len(ks), squeeze=False)
     for col, k in enumerate(ks):
         moved = "" if k == 0 else f"$W_{{{k}}}$={float(pushed.movement[k - 1]):.3g}  "
@@ -117,38 +119,63 @@ def plot_pushforward(
     grid[0, 0].set_ylabel("data → latent", fontsize=8)
     grid[1, 0].set_ylabel("N(0, I) → data", fontsize=8)
     fig.suptitle(f"per-block pushforward of {len(x)} points, {len(flow)} blocks{where}", fontsize=9)
-    fig.tight_layout()
     return fig
+
+
+PATH_STEPS = 8
+"""At least this many RK4 steps per block for the trajectories, so that a
+flow evaluated with few steps (a refined flow's slices) still shows curves."""
 
 
 def _colour_key(fig: Figure, ax: Axes, n_blocks: int, colours: list) -> None:
     """A colour bar with one colour per block."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.ticker import MaxNLocator
 
     norm = BoundaryNorm(np.arange(0.5, n_blocks + 1.5), n_blocks)
     bar = fig.colorbar(ScalarMappable(norm, ListedColormap(colours)), ax=ax, fraction=0.046)
-    bar.set_ticks(np.unique(np.linspace(1, n_blocks, min(n_blocks, 9)).round()))
+    ticks = MaxNLocator(nbins=8, integer=True, min_n_ticks=1).tick_values(1, n_blocks)
+    bar.set_ticks([t for t in ticks if 1 <= t <= n_blocks])
     bar.set_label("block k", fontsize=8)
     bar.ax.tick_params(labelsize=7)
 
 
+def _straightness_bars(ax: Axes, flow: Flow, paths: Trajectories, colours: list) -> None:
+    """Straightness per block, or per parent block for a refined flow."""
+    from matplotlib.ticker import MaxNLocator
+
+    boundaries = parent_boundaries(flow)
+    refined = len(boundaries) < len(flow) + 1
+    values = _numpy(paths.straightness(boundaries if refined else None))
+    k = np.arange(1, len(values) + 1)
+    firsts = boundaries[:-1] if refined else range(len(flow))
+    ax.bar(k, values - 1.0, bottom=1.0, color=[colours[i] for i in firsts], width=0.8)
+    if len(values) <= 16:
+        for kk, value in zip(k, values, strict=True):
+            ax.annotate(f"{value:.4f}", (kk, value), ha="center", va="bottom", fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=16))
+    what = "parent block (its time slices together)" if refined else "block k"
+    ax.set(xlabel=what, ylabel="path length / end-to-end distance", title="straightness (1 = straight)")
+
+
 def plot_trajectories(flow: Flow, x: Any, n_paths: int = 300, seed: int = 0) -> Figure:
     """Left: ``n_paths`` paths of S(x) through every block (polylines through
-    the RK4 grid points, projected as in :func:`plot_pushforward` for d > 2),
-    each block's part in its own colour. Right: the measured straightness of
-    each block, mean path length / mean end-to-end distance (1 = straight)."""
+    the points of an RK4 grid of max(flow.steps, :data:`PATH_STEPS`) steps per
+    block, projected as in :func:`plot_pushforward` for d > 2), each block's
+    part in its own colour. Right: the measured straightness, mean path length
+    / mean end-to-end distance (1 = straight), of each block, or of each parent
+    block of a refined flow."""
     import matplotlib
     from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     x = as_data_tensor(x, flow.dim, flow.shift)
     axes_2d = principal_axes(flow.standardize(x)[0])
-    paths = trajectories(flow, _subsample(x, n_paths, seed))
+    paths = trajectories(flow, _subsample(x, n_paths, seed), steps=max(flow.steps, PATH_STEPS))
     flat = _numpy(project(paths.paths, axes_2d))  # (L, steps + 1, n, 2)
     colours = [matplotlib.colormaps["viridis"](v) for v in np.linspace(0.0, 0.9, max(len(flow), 1))]
-    fig = Figure(figsize=(11, 4.6))
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=(1.2, 1))
     for k, colour in enumerate(colours[: len(flow)]):
         segments = flat[k].transpose(1, 0, 2)  # (n, steps + 1, 2): one polyline per path
@@ -157,17 +184,8 @@ def plot_trajectories(flow: Flow, x: Any, n_paths: int = 300, seed: int = 0) -> 
         left.plot(flat[0, 0, :, 0], flat[0, 0, :, 1], ".", ms=1.5, color="k", label="start")
         left.autoscale()
         _colour_key(fig, left, len(flow), colours)
+        _straightness_bars(right, flow, paths, colours)
     left.set(aspect="equal", title=f"{flat.shape[2]} trajectories, coloured by block")
-    k = np.arange(1, len(flow) + 1)
-    right.bar(k, _numpy(paths.straightness), color=colours[: len(flow)], width=0.8)
-    right.axhline(1.0, color="gray", ls="--", lw=0.8)
-    boundaries = parent_boundaries(flow)
-    if len(boundaries) < len(flow) + 1:  # a refined flow: mark where each parent's slices end
-        for edge in boundaries[1:-1]:
-            right.axvline(edge + 0.5, color="k", ls=":", lw=0.6)
-    right.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=16))
-    right.set(xlabel="block k", ylabel="path length / end-to-end distance", title="straightness per block")
-    fig.tight_layout()
     return fig
 
 
@@ -221,7 +239,7 @@ def plot_corner(flow: Flow, x: Any, max_dims: int = 6, max_points: int = 2000, s
     m = min(flow.dim, max_dims)
     lo, hi = np.quantile(data[:, :m], 0.005, axis=0), np.quantile(data[:, :m], 0.995, axis=0)
     lo, hi = lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo)
-    fig = Figure(figsize=(1.9 * m, 1.9 * m))
+    fig = Figure(figsize=(1.9 * m, 1.9 * m), layout="constrained")
     grid = fig.subplots(m, m, squeeze=False)
     for i in range(m):
         for j in range(m):
@@ -238,7 +256,6 @@ def plot_corner(flow: Flow, x: Any, max_dims: int = 6, max_points: int = 2000, s
             ax.tick_params(labelsize=6)
             ax.set(xlabel=f"$x_{{{j}}}$" if i == m - 1 else "", ylabel=f"$x_{{{i}}}$" if j == 0 else "")
     fig.suptitle(f"data (lower, blue) vs model samples (upper, red), first {m} of {flow.dim} coordinates")
-    fig.tight_layout()
     return fig
 
 

@@ -99,20 +99,34 @@ class Trajectories(NamedTuple):
     Attributes:
         paths: Shape (L, steps + 1, n, d): ``paths[k − 1, i]`` is the state at
             time i/steps of block k; ``paths[k − 1, −1] == paths[k, 0]``.
-        straightness: Per block, the mean polyline length through the grid
-            points over the mean end-to-end distance, shape (L,); 1 for straight
-            paths, larger for curved ones (NaN for a block that moves nothing).
     """
 
     paths: Tensor
-    straightness: Tensor
+
+    def straightness(self, boundaries: list[int] | None = None) -> Tensor:
+        """Mean path length (polylines through the grid points) over mean
+        end-to-end distance, for each run of blocks between consecutive
+        ``boundaries`` (default: each block; e.g. :func:`parent_boundaries`
+        for the parents of a refined flow). 1 for straight paths, larger for
+        curved ones, NaN for blocks that move nothing."""
+        paths = self.paths
+        spans = range(len(paths) + 1) if boundaries is None else boundaries
+        lengths = (paths[:, 1:] - paths[:, :-1]).norm(dim=-1).sum(1)  # (L, n)
+        ratios = [
+            lengths[a:b].sum(0).mean() / (paths[b - 1, -1] - paths[a, 0]).norm(dim=-1).mean()
+            for a, b in itertools.pairwise(spans)
+        ]
+        return torch.stack(ratios) if ratios else paths.new_zeros(0)
 
 
-def trajectories(flow: Flow, x: Any) -> Trajectories:
-    """Integrates S(x) (n, d) through every block one RK4 step at a time on
-    the flow's time grid, recording the state after every step."""
+def trajectories(flow: Flow, x: Any, steps: int | None = None) -> Trajectories:
+    """Integrates S(x) (n, d) through every block one RK4 step at a time on a
+    grid of ``steps`` steps per block (default the flow's own, so the paths end
+    exactly at the flow's pushes; more show the curves of a flow evaluated
+    with few steps), recording the state after every step."""
+    steps = flow.steps if steps is None else steps
     z = flow.standardize(as_data_tensor(x, flow.dim, flow.shift))[0]
-    grid = torch.linspace(0.0, 1.0, flow.steps + 1, dtype=torch.float64).tolist()
+    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).tolist()
     paths = []
     with torch.no_grad():
         for block in flow.blocks:
@@ -121,12 +135,7 @@ def trajectories(flow: Flow, x: Any) -> Trajectories:
                 states.append(integrate(block, states[-1], 1, t0=t0, t1=t1).z)
             paths.append(torch.stack(states))
             z = states[-1]
-    if not paths:
-        return Trajectories(z.new_zeros(0, flow.steps + 1, *z.shape), z.new_zeros(0))
-    paths = torch.stack(paths)
-    length = (paths[:, 1:] - paths[:, :-1]).norm(dim=-1).sum(1).mean(1)
-    chord = (paths[:, -1] - paths[:, 0]).norm(dim=-1).mean(1)
-    return Trajectories(paths, length / chord)
+    return Trajectories(torch.stack(paths) if paths else z.new_zeros(0, steps + 1, *z.shape))
 
 
 class DensityGrid(NamedTuple):

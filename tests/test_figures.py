@@ -10,7 +10,7 @@ from matplotlib.collections import LineCollection
 import blocks
 from jkoflow import Flow, InputError, datasets, plots
 from jkoflow.cli import main
-from jkoflow.figures import FIGURE_FILES, save_figure
+from jkoflow.figures import FIGURE_FILES, PATH_STEPS, save_figure
 from jkoflow.inspect import density_grid, principal_axes, trajectories
 
 
@@ -92,16 +92,30 @@ def test_trajectory_figure_draws_the_paths_and_their_straightness(random_otflow)
     fig = plots.plot_trajectories(flow, x, n_paths=500)
     left, right = fig.axes[:2]
     lines = [c for c in left.collections if isinstance(c, LineCollection)]
-    paths = trajectories(flow, x)
+    paths = trajectories(flow, x, steps=PATH_STEPS)  # at least PATH_STEPS grid points per block
     assert len(lines) == 3
     for k, collection in enumerate(lines):
         segments = collection.get_segments()
         assert len(segments) == 120
         assert np.allclose(np.stack(segments), paths.paths[k].numpy().transpose(1, 0, 2), atol=1e-12)
     assert len({tuple(c.get_colors()[0]) for c in lines}) == 3  # one colour per block
-    heights = [bar.get_height() for bar in right.patches]
-    assert np.allclose(heights, paths.straightness.numpy())
-    assert heights[1] == pytest.approx(1.0, abs=1e-12)
+    heights = [bar.get_y() + bar.get_height() for bar in right.patches]
+    assert np.allclose(heights, paths.straightness().numpy())
+    assert heights[1] == pytest.approx(1.0, abs=1e-12) and min(heights[0], heights[2]) > 1.0 + 1e-6
+
+
+def test_trajectory_figure_of_a_refined_flow_shows_each_parents_straightness(random_otflow):
+    parents = [random_otflow(seed=s) for s in (7, 8, 9)]
+    plain = Flow(2, parents, steps=8).double()
+    refined = Flow(2, [s for p in parents for s in blocks.time_slices(p, 16)], steps=1).double()
+    x = torch.randn(100, 2, generator=torch.Generator().manual_seed(10)).double()
+    right = plots.plot_trajectories(refined, x).axes[1]
+    heights = [bar.get_y() + bar.get_height() for bar in right.patches]
+    assert len(heights) == 3 and "parent" in right.get_xlabel()
+    # 16 one-step slices drawn with PATH_STEPS steps each: the parent's path on a 128-step grid
+    assert np.allclose(
+        heights, trajectories(plain, x, steps=16 * PATH_STEPS).straightness().numpy(), atol=1e-9
+    )
 
 
 def test_density_figure_shows_model_truth_and_histogram():

@@ -82,12 +82,12 @@ def test_pullback_inverts_block_by_block(flow3):
 def test_trajectories_end_where_the_blocks_push(flow3):
     x = torch.randn(50, 3, generator=torch.Generator().manual_seed(3)).double()
     paths = trajectories(flow3, x)
-    assert paths.paths.shape == (3, 6, 50, 3) and paths.straightness.shape == (3,)
+    assert paths.paths.shape == (3, 6, 50, 3) and paths.straightness().shape == (3,)
     pushed = pushforward(flow3, x)
     for k in range(3):
         assert torch.allclose(paths.paths[k, 0], pushed.states[k], atol=1e-13)
         assert torch.allclose(paths.paths[k, -1], pushed.states[k + 1], atol=1e-13)
-    assert (paths.straightness >= 1.0 - 1e-12).all()
+    assert (paths.straightness() >= 1.0 - 1e-12).all()
 
 
 def test_straightness_is_one_for_constant_velocity_and_the_arc_ratio_for_a_rotation():
@@ -95,7 +95,7 @@ def test_straightness_is_one_for_constant_velocity_and_the_arc_ratio_for_a_rotat
     rotation = _linear([[0.0, -theta], [theta, 0.0]])  # paths are circular arcs of angle θ
     flow = Flow(2, [_constant(2, [0.7, -1.1]), rotation], steps=steps).double()
     x = torch.randn(40, 2, generator=torch.Generator().manual_seed(4)).double()
-    straightness = trajectories(flow, x).straightness
+    straightness = trajectories(flow, x).straightness()
     assert float(straightness[0]) == pytest.approx(1.0, abs=1e-12)
     # a polyline of `steps` equal chords of an arc of angle θ over the arc's chord
     expected = steps * math.sin(theta / (2 * steps)) / math.sin(theta / 2)
@@ -174,3 +174,19 @@ def test_parent_boundaries_of_a_refined_flow(random_otflow):
     fine, coarse = pushforward(refined, x), pushforward(plain, x)
     for k in range(4):
         assert torch.allclose(fine.states[4 * k], coarse.states[k], atol=1e-12)
+
+
+def test_straightness_of_a_refined_flow_per_parent_is_the_parents(random_otflow):
+    parents = [random_otflow(seed=s) for s in (9, 10)]
+    plain = Flow(2, parents, steps=8).double()
+    refined = Flow(2, [s for p in parents for s in blocks.time_slices(p, 4)], steps=2).double()
+    x = torch.randn(60, 2, generator=torch.Generator().manual_seed(11)).double()
+    fine, coarse = trajectories(refined, x), trajectories(plain, x)
+    assert fine.paths.shape == (8, 3, 60, 2)
+    per_parent = fine.straightness(parent_boundaries(refined))
+    assert torch.allclose(per_parent, coarse.straightness(), atol=1e-12)
+    assert (per_parent > 1.0 + 1e-4).all()  # random blocks curve their paths
+    # a finer path grid than the flow's: same ends up to the RK4 error, never less curved
+    finer = trajectories(plain, x, steps=32)
+    assert (finer.paths[-1, -1] - coarse.paths[-1, -1]).abs().max() < 1e-4
+    assert (finer.straightness() >= coarse.straightness() - 1e-6).all()
