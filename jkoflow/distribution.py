@@ -65,7 +65,7 @@ class FlowDistribution(Distribution):
 
     def __init__(
         self, flow: Flow, batch_shape: torch.Size | tuple[int, ...] = (), validate_args: bool | None = None
-    ):
+    ) -> None:
         if not isinstance(flow, Flow):
             raise TypeError(f"FlowDistribution needs a jkoflow.Flow, got {type(flow).__name__}")
         self.flow = flow
@@ -121,7 +121,7 @@ class FlowTransform(Transform):
     codomain = constraints.real_vector
     bijective = True
 
-    def __init__(self, flow: Flow, cache_size: int = 0):
+    def __init__(self, flow: Flow, cache_size: int = 0) -> None:
         if not isinstance(flow, Flow):
             raise TypeError(f"FlowTransform needs a jkoflow.Flow, got {type(flow).__name__}")
         super().__init__(cache_size=cache_size)

@@ -9,6 +9,14 @@ Every ``plot_*`` function takes a flow and data and returns the
 apply and writes them into a directory (what ``jkoflow train``, ``otflow``
 and ``plot`` do). Points are subsampled (``max_points``) and grids kept
 coarse so that the figures cost a small fraction of a run.
+
+Example:
+    >>> import torch, blocks, jkoflow
+    >>> from jkoflow.figures import plot_pushforward
+    >>> flow = jkoflow.Flow(2, [blocks.make("otflow", dim=2, width=8) for _ in range(3)], steps=2)
+    >>> fig = plot_pushforward(flow, torch.randn(200, 2))
+    >>> len(fig.axes), fig.axes[1].get_title().splitlines()[0]  # 2 rows of 4 panels
+    (8, '1 block')
 """
 
 from __future__ import annotations
@@ -108,17 +116,18 @@ def plot_pushforward(
     ks = panel_indices(len(flow), max_panels, parent_boundaries(flow))
     rows = [[_numpy(project(states[k], axes_2d)) for k in ks] for states in (pushed.states, pulled)]
     lim = _limit(rows[0] + rows[1])
-    fig = Figure(figsize=(2.2 * len(ks), 5.0), layout="constrained")
+    fig = Figure(figsize=(max(2.2 * len(ks), 5.5), 5.2), layout="constrained")
     grid = fig.subplots(2, len(ks), squeeze=False)
     for col, k in enumerate(ks):
         moved = "" if k == 0 else f"$W_{{{k}}}$={float(pushed.movement[k - 1]):.3g}  "
         title = f"{k} block{'s' * (k != 1)}\n{moved}NLL={float(pushed.nll[k]):.3f}"
         _scatter(grid[0, col], rows[0][col], title, lim, "tab:blue")
         _scatter(grid[1, col], rows[1][col], f"model $z_{{{k}}}$", lim, "tab:red")
-    where = "" if flow.dim == 2 else " (first two principal axes of the data)"
+    where = "" if flow.dim == 2 else "\nprojected on the first two principal axes of the data"
     grid[0, 0].set_ylabel("data → latent", fontsize=8)
     grid[1, 0].set_ylabel("N(0, I) → data", fontsize=8)
-    fig.suptitle(f"per-block pushforward of {len(x)} points, {len(flow)} blocks{where}", fontsize=9)
+    count = f"{len(flow)} block{'s' * (len(flow) != 1)}"
+    fig.suptitle(f"per-block pushforward of {len(x)} points, {count}{where}", fontsize=9)
     return fig
 
 
@@ -255,7 +264,7 @@ def plot_corner(flow: Flow, x: Any, max_dims: int = 6, max_points: int = 2000, s
             ax.set_xlim(lo[j], hi[j])
             ax.tick_params(labelsize=6)
             ax.set(xlabel=f"$x_{{{j}}}$" if i == m - 1 else "", ylabel=f"$x_{{{i}}}$" if j == 0 else "")
-    fig.suptitle(f"data (lower, blue) vs model samples (upper, red), first {m} of {flow.dim} coordinates")
+    fig.suptitle(f"data (lower, blue) vs model samples (upper, red)\nfirst {m} of {flow.dim} coordinates")
     return fig
 
 

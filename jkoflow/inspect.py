@@ -17,6 +17,20 @@ networks by JKO scheme", https://arxiv.org/abs/2212.14424.
 
 Everything is computed under :func:`torch.no_grad` in the flow's dtype and on
 its device; states are in the standardised coordinates of the blocks.
+
+Example:
+    >>> import torch, blocks, jkoflow
+    >>> from jkoflow.inspect import pushforward, trajectories
+    >>> _ = torch.manual_seed(0)
+    >>> flow = jkoflow.Flow(2, [blocks.make("otflow", dim=2, width=8) for _ in range(2)], steps=4)
+    >>> x = torch.randn(100, 2)
+    >>> pushed = pushforward(flow, x)
+    >>> len(pushed.states), pushed.movement.shape, pushed.nll.shape
+    (3, torch.Size([2]), torch.Size([3]))
+    >>> bool(torch.equal(pushed.states[1], flow.head(1)(x)[0]))
+    True
+    >>> trajectories(flow, x).paths.shape  # (blocks, steps + 1, points, d)
+    torch.Size([2, 5, 100, 2])
 """
 
 from __future__ import annotations
