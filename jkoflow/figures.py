@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -59,12 +60,14 @@ __all__ = [
     "write_flow_figures",
 ]
 
-FIGURE_FILES = {
-    "pushforward": "blocks_pushforward.png",
-    "trajectories": "trajectories.png",
-    "density": "density.png",
-    "corner": "corner.png",
-}
+FIGURE_FILES = MappingProxyType(
+    {
+        "pushforward": "blocks_pushforward.png",
+        "trajectories": "trajectories.png",
+        "density": "density.png",
+        "corner": "corner.png",
+    }
+)
 """File names of the figures :func:`write_flow_figures` writes."""
 
 

@@ -67,6 +67,18 @@ def test_log_abs_det_jacobian_reuses_only_the_last_pair(flow):
         assert torch.equal(T.log_abs_det_jacobian(x, z), cached)  # recomputed: same numbers
 
 
+def test_with_cache_keeps_torchs_cache_semantics(flow):
+    T, same, other = FlowTransform(flow), FlowTransform(flow), FlowTransform(flow.head(1))
+    assert T.with_cache(0) is T and same == T and other != T
+    cached = T.with_cache(1)
+    x = _x(6, 3, seed=7)
+    with torch.no_grad():
+        z = cached(x)
+        assert cached.inv(z) is x  # torch's one-entry cache: no inverse integration
+        assert not torch.equal(T.inv(z), x)  # without it, the RK4 inverse (≈ x, not bitwise)
+        assert torch.allclose(T.inv(z), x, atol=1e-6)
+
+
 def test_rsample_is_differentiable_through_the_reparametrisation(flow):
     p = FlowDistribution(flow)
     weight = flow.blocks[0].K0
