@@ -27,6 +27,8 @@ _ATTRIBUTES = {
     "InputError": ".errors",
     "TrainingError": ".errors",
     "Flow": ".flow",
+    "FlowDistribution": ".distribution",
+    "FlowTransform": ".distribution",
     "JKOLoss": ".objectives",
     "OTFlowLoss": ".objectives",
     "gaussian_log_prob": ".objectives",

@@ -1,6 +1,8 @@
-"""Figures of a run: per-block movement W_k and samples. Reads histories and
-arrays only; never trains. Uses matplotlib's object API (no pyplot state), so
-it works headless and leaves the caller's backend alone."""
+"""Figures of a run: per-block movement W_k and samples, from histories and
+arrays; and, from :mod:`jkoflow.figures`, the figures drawn from a flow and
+data (per-block pushforward, density, trajectories, corner plot). Never
+trains. Uses matplotlib's object API (no pyplot state), so it works headless
+and leaves the caller's backend alone."""
 
 from __future__ import annotations
 
@@ -12,12 +14,19 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+from .figures import plot_corner, plot_density, plot_pushforward, plot_trajectories, write_flow_figures
+
 __all__ = [
     "plot_comparison",
+    "plot_corner",
+    "plot_density",
     "plot_h_per_block",
+    "plot_pushforward",
     "plot_samples",
+    "plot_trajectories",
     "plot_validation_curve",
     "plot_w2_per_block",
+    "write_flow_figures",
 ]
 
 

@@ -30,6 +30,7 @@ from . import datasets, distributed
 from .checkpoint import load_state
 from .config import DataConfig, JKOConfig, config_from_dict, resolve_device
 from .errors import InputError, TrainingError
+from .figures import write_flow_figures
 from .flow import Flow
 from .metrics import STEP_CHECK_ROWS, data_kl, inversion_error, nll, parameter_count, step_doubling_change
 from .otflow import OTFlowConfig, train_otflow
@@ -277,7 +278,9 @@ def write_plots(
 ) -> None:
     """The run's figures: for a JKO run w2_per_block.png and h_per_block.png,
     for an OT-Flow run val_nll.png; for both samples.png (test data, model
-    samples, test data pushed to the latent space)."""
+    samples, test data pushed to the latent space) and the figures of
+    :func:`jkoflow.figures.write_flow_figures` (per-block pushforward,
+    trajectories, density or corner plot)."""
     if "stages" in history:
         plot_w2_per_block(history, files.w2_plot)
         plot_h_per_block(history, files.h_plot)
@@ -288,6 +291,7 @@ def write_plots(
         model = flow.sample(n, generator=torch.Generator().manual_seed(seed)).cpu().numpy()
         latent = flow(x_test[:n])[0].cpu().numpy()
     plot_samples(x_test[:n], model, latent, files.samples_plot)
+    write_flow_figures(flow, x_test, files.root, target=files.data_config().name, seed=seed)
 
 
 def _start_run(

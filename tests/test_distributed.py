@@ -281,6 +281,7 @@ RUN_FILES = {
     "trainer.pt",
 }
 RUN_FILES |= {"w2_per_block.png", "h_per_block.png", "samples.png"}
+RUN_FILES |= {"blocks_pushforward.png", "trajectories.png", "density.png"}  # jkoflow.figures
 
 
 @needs_gloo
