@@ -1,8 +1,9 @@
 r"""The peer density estimators of the ``peers`` benchmark and their exact log-likelihoods.
 
 Every peer is a :class:`Peer`: how to build its model, its training loss on a
-mini-batch, its optimiser settings, and ``log p(x)`` of a batch at a given ODE
-tolerance (``None`` for a discrete flow, whose log-density is exact). The
+mini-batch, its optimiser settings, and ``log p(x)`` of a batch, at the solver
+setting it reports or at the tighter one of its check (a discrete flow's
+log-density is exact and has none). The
 peers fit *standardised* data u = (x − m)/s (training mean and standard
 deviation, as zuko's NSF docstring recommends: its splines act on [−5, 5]);
 the benchmark adds −Σ log s to report the NLL in data units.
@@ -11,8 +12,9 @@ Settings, each from the peer's own documentation or paper:
 
 * ``nsf`` — zuko's neural spline flow, ``zuko.flows.NSF(d)`` at zuko's
   defaults: 3 rational-quadratic spline transforms, 8 bins, hidden layers
-  64×64 (ReLU); in d = 2 its autoregressive order [0, 1] / [1, 0] is a
-  coupling layer. Adam lr 1e-3 as in zuko's README training example; batch
+  64×64 (ReLU); in d = 2 each autoregressive transform (orders [0, 1] and
+  [1, 0] in turn) is a coupling layer plus an element-wise spline of the
+  conditioning coordinate. Adam lr 1e-3 as in zuko's README and examples; batch
   512 (the reference configuration of the issue). Durkan et al., "Neural
   Spline Flows", https://arxiv.org/abs/1906.04032; zuko 1.x docs.
 * ``cnf`` — zuko's continuous normalizing flow, ``zuko.flows.CNF(d)`` at
