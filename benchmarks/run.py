@@ -14,31 +14,32 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from benchmarks import compiled, memory, nll, startup, step, trace
+from benchmarks import compiled, memory, nll, peers, startup, step, trace
 from benchmarks.common import Table
 
 __all__ = ["DEFAULT", "NAMES", "main"]
 
-NAMES = ("trace", "step", "memory", "nll", "compile", "startup")
+NAMES = ("trace", "step", "memory", "nll", "compile", "startup", "peers")
 DEFAULT = (
     "trace",
     "step",
     "memory",
     "startup",
-)  # nll (~30 min) and compile (~1 min each): opt in with --only
+)  # nll (~30 min), compile (~1 min each) and peers (~30 min per seed): opt in with --only
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="jkoflow performance suite: (a) trace cost, (b) training step, (c) memory per block, "
-        "(d) time to NLL, (e) torch.compile, (f) start-up time.",
+        "(d) time to NLL, (e) torch.compile, (f) start-up time, (g) peers side by side.",
     )
     parser.add_argument(
         "--only",
@@ -60,7 +61,43 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="mini-batch budget of each method in (d); 0: the trainers' defaults (~30 min)",
     )
+    group = parser.add_argument_group("peers", "options of the peers benchmark (--only peers)")
+    group.add_argument("--data", default="checkerboard", help="data name or spec (default %(default)s)")
+    group.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="training-time budget of each method in seconds (default: 240; quick 30, smoke 2)",
+    )
+    group.add_argument(
+        "--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2,3 (default %(default)s)"
+    )
+    group.add_argument(
+        "--methods",
+        default=",".join(peers.METHODS),
+        help="comma-separated subset of %(default)s",
+    )
     return parser
+
+
+def _peers_options(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str | None]:
+    """The keyword arguments of :func:`peers.run` from the command line, or the error line."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        return None, f"--seeds takes comma-separated non-negative integers, got {args.seeds!r}"
+    if not seeds or min(seeds) < 0:
+        return None, f"--seeds takes comma-separated non-negative integers, got {args.seeds!r}"
+    if args.seconds is not None and not args.seconds > 0:
+        return None, f"--seconds must be > 0, got {args.seconds!r}"
+    problem = peers.check_methods(methods)
+    if problem is not None:
+        return None, problem
+    options = dict(peers.SIZES[args.size])
+    if args.seconds is not None:
+        options["seconds"] = args.seconds
+    return {**options, "data": args.data, "seeds": seeds, "methods": methods}, None
 
 
 def _machine() -> str:
@@ -95,6 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads < 1 or (args.nll_batches is not None and args.nll_batches < 0):
         print("benchmarks: error: --threads must be ≥ 1 and --nll-batches ≥ 0", file=sys.stderr)
         return 2
+    peer_options = None
+    if "peers" in names:
+        peer_options, problem = _peers_options(args)
+        if problem is not None:
+            print(f"benchmarks: error: {problem}", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     header = (
@@ -111,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.nll_batches is not None:
                 sizes["budget_batches"] = args.nll_batches
             table = nll.run(out, **sizes)
+        elif name == "peers":
+            table = peers.run(out, **peer_options)
         else:
             module = {
                 "trace": trace,

@@ -3,6 +3,7 @@
 import csv
 import time
 
+import pytest
 import torch
 
 from benchmarks import run
@@ -100,3 +101,103 @@ def test_compile_benchmark_smoke():
     assert [r["variant"] for r in table.rows] == ["eager", "compiled", "compiled, new block"]
     assert all(r["ms_per_step"] > 0 and r["first_step_s"] > 0 for r in table.rows)
     assert table.rows[0]["speedup"] == 1.0
+
+
+def _png(path):
+    with open(path, "rb") as handle:
+        return handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peers_jkoflow_and_otflow_smoke(tmp_path, capsys):
+    argv = ["--only", "peers", "--size", "smoke", "--methods", "jkoflow,otflow", "--out", str(tmp_path)]
+    assert run.main(argv) == 0
+    assert "(g) peers on checkerboard, 2 s of training per method" in capsys.readouterr().out
+    rows = _rows(tmp_path / "peers.csv")
+    assert [r["method"] for r in rows] == ["jkoflow (default command)", "OT-Flow baseline"]
+    truth = 3.4657  # log 32, the checkerboard's entropy
+    for r in rows:
+        assert truth - 0.1 < float(r["test_nll"]) < 6.0
+        assert r["check"].startswith("RK4 ") and float(r["check_max_abs"]) < 0.05
+        assert int(r["n_parameters"]) > 0 and float(r["n_batches"]) > 0
+        assert 2.0 <= float(r["train_seconds"]) < 20.0  # the budget is spent, then training stops
+    runs = _rows(tmp_path / "peers_runs.csv")
+    assert {(r["method"], r["seed"]) for r in runs} == {("jkoflow", "0"), ("otflow", "0")}
+    curves = _rows(tmp_path / "peers_curves.csv")
+    assert {r["method"] for r in curves} == {"jkoflow", "otflow"}
+    for method in ("jkoflow", "otflow"):
+        seconds = [float(r["seconds"]) for r in curves if r["method"] == method]
+        assert seconds == sorted(seconds) and seconds[0] > 0
+    assert _png(tmp_path / "peers.png")
+    assert "True density's test NLL: 3.46" in (tmp_path / "peers.md").read_text()
+
+
+def test_peers_refuses_missing_packages_before_writing(tmp_path, capsys, monkeypatch):
+    from benchmarks import peers
+
+    monkeypatch.setattr(peers, "missing_packages", lambda _: ["zuko"])
+    out = tmp_path / "out"
+    assert run.main(["--only", "peers", "--methods", "jkoflow,nsf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        'benchmarks: error: the peers need zuko, not installed: pip install -e ".[peers]" '
+        "(or --methods jkoflow,otflow)"
+    ]
+    assert not out.exists()
+    assert run.main(["--only", "peers", "--methods", "jkoflow,nope", "--out", str(out)]) == 2
+    assert run.main(["--only", "peers", "--seeds", "0,x", "--out", str(out)]) == 2
+    assert run.main(["--only", "peers", "--seconds", "0", "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_cfm_log_prob_is_exact_for_a_linear_field():
+    """du/dt = A u from N(0, I) at t = 0 gives u(1) ~ N(0, e^A e^Aᵀ): the ODE
+    log-density with the autograd divergence must match it to the tolerance."""
+    from benchmarks.peer_models import cfm_log_prob
+
+    gen = torch.Generator().manual_seed(0)
+    a = 0.5 * torch.randn(2, 2, generator=gen, dtype=torch.float64)
+    velocity = torch.nn.Linear(3, 2, bias=False).double()
+    with torch.no_grad():
+        velocity.weight.copy_(torch.cat([a, torch.zeros(2, 1, dtype=torch.float64)], 1))
+    m = torch.linalg.matrix_exp(a)
+    truth = torch.distributions.MultivariateNormal(torch.zeros(2, dtype=torch.float64), m @ m.T)
+    x = truth.sample((500,))
+    with torch.no_grad():
+        log_p = cfm_log_prob(velocity, x, steps=64)
+        coarse = cfm_log_prob(velocity, x, steps=4)
+    error = (log_p - truth.log_prob(x)).abs().max()
+    assert error < 1e-8 < (coarse - truth.log_prob(x)).abs().max()  # RK4 converges to the truth
+
+
+def test_exact_divergence_is_the_jacobian_trace():
+    from benchmarks.peer_models import exact_divergence
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SELU(), torch.nn.Linear(16, 3)).double()
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    div = exact_divergence(net(x), x)
+    traces = [torch.autograd.functional.jacobian(net, row).trace() for row in x.detach()]
+    assert torch.allclose(div, torch.stack(traces), atol=1e-12)
+
+
+def test_peers_smoke(tmp_path):
+    """Every peer trains for 1 s and is evaluated by its exact likelihood (needs the extra)."""
+    pytest.importorskip("zuko")
+    pytest.importorskip("torchcfm")
+    from benchmarks import peers
+
+    methods = ["nsf", "cnf", "icfm", "otcfm"]
+    table = peers.run(tmp_path, seconds=1.0, methods=methods, n_samples=3000, curve_points=2, progress=False)
+    assert [r["method"] for r in table.rows] == ["zuko NSF", "zuko CNF", "torchcfm I-CFM", "torchcfm OT-CFM"]
+    for r in table.rows:
+        assert 3.4657 - 0.1 < r["test_nll"] < 6.0
+        assert r["n_batches"] > 0 and r["train_seconds"] >= 1.0 and r["n_parameters"] > 0
+    assert table.rows[0]["check"] == "exact (discrete flow)" and table.rows[0]["check_max_abs"] is None
+    assert table.rows[1]["check"].startswith("dopri5 tol 1e-06/1e-05→1e-07/1e-06: ")
+    assert all(r["check"].startswith("RK4 64→128 steps: ") for r in table.rows[2:])
+    assert all(r["check_max_abs"] < 1e-3 for r in table.rows[1:])
+    assert table.rows[0]["n_parameters"] == 22026  # zuko's NSF(2) at its defaults
+    curves = _rows(tmp_path / "peers_curves.csv")
+    assert sorted({r["method"] for r in curves}) == sorted(methods)
+    assert all(sum(r["method"] == m for r in curves) == 2 for m in methods)
+    assert _png(tmp_path / "peers.png")
