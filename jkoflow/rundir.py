@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -84,7 +85,7 @@ class RunDir:
         a jkoflow run without ``overwrite``. Reads only."""
         if root.exists() and not root.is_dir():
             raise InputError(f"--out {root} exists and is not a directory")
-        if not root.is_dir() or not any(root.iterdir()):
+        if not root.is_dir() or not _contents(root):
             return
         if cls.read_marker(root) is None:
             raise InputError(
@@ -104,6 +105,7 @@ class RunDir:
         writes the new marker first."""
         root = Path(root)
         cls.check_new(root, overwrite)
+        made = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         lock = _lock(root)
         try:
@@ -123,6 +125,8 @@ class RunDir:
             run._write_marker()
         except BaseException:
             lock.close()
+            if made and not _contents(root):  # leave no trace of a run that never started
+                shutil.rmtree(root)
             raise
         return run
 
@@ -172,6 +176,12 @@ def _lock(root: Path) -> IO:
         handle.close()
         raise InputError(f"{root} is in use by another jkoflow process") from None
     return handle
+
+
+def _contents(root: Path) -> list[str]:
+    """The names in ``root`` other than the lock file and temporary files of the
+    marker: what makes a directory not empty."""
+    return [name for name in os.listdir(root) if name != LOCK and not is_temp_of(name, MARKER)]
 
 
 def _remove_owned(root: Path, marker: dict[str, Any]) -> None:
