@@ -295,6 +295,8 @@ def _sections(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict
 def _config(cls: type, section: dict[str, Any], given: dict[str, Any], preset: dict[str, Any] | None = None):
     """``cls`` from its preset, then the config file's section, then the command line."""
     names = {f.name for f in dataclasses.fields(cls)} - {"name", "seed"}
+    if not isinstance(section, dict):
+        raise InputError(f"{cls.__name__} settings must be a JSON object, got {type(section).__name__}")
     values = {**(preset or {}), **section, **{k: v for k, v in given.items() if k in names}}
     return config_from_dict(cls, values)
 
@@ -500,7 +502,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _plot(args: argparse.Namespace) -> None:
     files = RunFiles(args.run).require()
-    history = read_json(files.history)
+    history = files.history_record()
     x_test = load_data(files.data_config())[2]
     flow = _loaded_flow(files, args)
     with RunDir.open(files.root) as run:

@@ -394,6 +394,8 @@ def resume_config(saved: JKOConfig, given: JKOConfig) -> JKOConfig:
 
 def config_from_dict(cls: type, data: dict[str, Any]):
     """Builds the dataclass ``cls`` from a dict, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise InputError(f"{cls.__name__} settings must be a JSON object, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:

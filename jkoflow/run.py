@@ -1,5 +1,9 @@
-"""The run directory (DESIGN.md §8): what a training run leaves on disk and how
-commands read it back.
+"""The run directory (docs/design.md, "Run directory"): what a training run
+leaves on disk and how commands read it back.
+
+    .jkoflow-run.json  the marker: the run's identity and the manifest of the
+                    files jkoflow wrote here (:mod:`jkoflow.rundir`); written first
+    .jkoflow.lock   locked (flock) while a process trains in the directory
 
     config.json     data and trainer configs, library versions, threads
     flow.pt         the final flow (weights + JSON config, no pickled code)
@@ -88,12 +92,29 @@ class RunFiles:
     def load_flow(self, device: str | torch.device = "cpu") -> Flow:
         return Flow.load(self.flow, map_location=device)
 
+    def record(self) -> dict[str, Any]:
+        """config.json as a dict with a ``data`` section; InputError when damaged."""
+        record = read_json(self.config)
+        if not isinstance(record, dict) or not isinstance(record.get("data"), dict):
+            raise InputError(f"{self.config} is damaged: no 'data' section")
+        return record
+
     def data_config(self) -> DataConfig:
-        return config_from_dict(DataConfig, read_json(self.config)["data"])
+        return config_from_dict(DataConfig, self.record()["data"])
 
     def method(self) -> str:
         """``"jko"`` or ``"otflow"``: which trainer made the run."""
-        return read_json(self.config).get("method", "jko")
+        return self.record().get("method", "jko")
+
+    def history_record(self) -> dict[str, Any]:
+        """history.json as a dict with the per-stage (JKO) or per-validation
+        (OT-Flow) records the plots need; InputError when damaged."""
+        history = read_json(self.history)
+        if not isinstance(history, dict) or not (
+            isinstance(history.get("stages"), list) or isinstance(history.get("validations"), list)
+        ):
+            raise InputError(f"{self.history} is damaged: no 'stages' or 'validations' list")
+        return history
 
 
 def prepare_run_dir(path: str | os.PathLike, method: str = "jko", overwrite: bool = False) -> RunDir:

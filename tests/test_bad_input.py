@@ -107,7 +107,8 @@ def _edit_trainer(edit: Callable[[dict], None]) -> Callable[[], None]:
 
 def _hold_lock(path: str) -> subprocess.Popen:
     """Another process that holds the flock of ``path`` until killed."""
-    code = "import fcntl,sys,time; f=open(sys.argv[1],'a'); fcntl.flock(f,fcntl.LOCK_EX); print(1,flush=True); time.sleep(60)"
+    code = "import fcntl,sys,time; f=open(sys.argv[1],'a'); fcntl.flock(f,fcntl.LOCK_EX); print(1,flush=True)"
+    code += "; time.sleep(60)"
     process = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "1"
     return process
@@ -134,6 +135,8 @@ class Case:
     match: str
     setup: Callable[[], object] | None = None
     subprocess: bool = False
+    creates: bool = False
+    """The command fails after starting its run: new files are allowed, changed ones not."""
 
 
 CONST = ("const.npy", lambda x: x.__setitem__((slice(None), 1), 3.0))
@@ -273,6 +276,13 @@ CASES = [
         2,
         "--seed cannot be used with --resume",
     ),
+    Case(
+        "resume-config-train-list",
+        ["train", "--resume", "b", "--max-blocks", "2"],
+        2,
+        "JKOConfig settings must be a JSON object, got list",
+        lambda: _write("b/config.json", {**json.loads(Path("b/config.json").read_text()), "train": []}),
+    ),
     Case("resume-nothing", ["train", "--resume", "nothing"], 2, "not found"),
     Case("resume-lr-inf", ["train", "--resume", "b", "--lr", "inf"], 2, "lr must be a finite number"),
     Case(
@@ -345,6 +355,13 @@ CASES = [
         "beyond the range",
         lambda: _data(*HUGE),
     ),
+    Case(
+        "otflow-divergence",
+        ["otflow", *NEW_OT, "--lr", "10000"],
+        1,
+        "jkoflow: training failed: OT-Flow: the loss became nan",
+        creates=True,
+    ),
     # --- compare --------------------------------------------------------------------------------------
     Case(
         "compare-budget-zero",
@@ -415,6 +432,13 @@ CASES = [
         2,
         "b/flow.pt is damaged",
         lambda: _edit_flow("b/flow.pt", lambda p: p.__setitem__("config", json.dumps({"dim": 2}))),
+    ),
+    Case(
+        "eval-config-damaged",
+        ["eval", "b"],
+        2,
+        "b/config.json is damaged: no 'data' section",
+        lambda: _write("b/config.json", {"method": "jko", "data": None}),
     ),
     Case("eval-device-meta", ["eval", "b", "--device", "meta"], 2, "device must be like"),
     Case(
@@ -513,8 +537,11 @@ def test_bad_input_changes_nothing(case: Case, workspace: Path, capsys: pytest.C
             held.wait()
     assert (status, len(lines)) == (case.status, 1), lines
     assert case.match in lines[0] and "Traceback" not in lines[0], lines[0]
-    assert lines[0].startswith("jkoflow") and ": error: " in lines[0]
-    assert _snapshot(workspace) == before
+    assert (lines[0].startswith("jkoflow") and ": error: " in lines[0]) or case.status == 1
+    after = _snapshot(workspace)
+    assert {path: after.get(path) for path in before} == before
+    assert case.creates or after == before
+    assert not [path for path in after if ".tmp" in path]
 
 
 def test_table_covers_every_command() -> None:
@@ -586,9 +613,8 @@ def test_resume_mid_block_with_fewer_blocks_is_refused(midblock: Path, capsys) -
     before = _snapshot(midblock)
     assert main(["train", "--resume", str(midblock), "--max-blocks", "1", "--quiet"]) == 2
     line = capsys.readouterr().err.strip()
-    assert line.endswith(
-        "stopped while training block 2; resume with --max-blocks 2 or more (a half-trained block is not kept)"
-    )
+    tail = "stopped while training block 2; resume with --max-blocks 2 or more"
+    assert line.endswith(tail + " (a half-trained block is not kept)")
     assert _snapshot(midblock) == before
 
 
