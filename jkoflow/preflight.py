@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from .serialization import reading_content
 __all__ = ["Resume", "check_resume", "check_training", "data_tensor"]
 
 
-def data_tensor(x: Any, dim: int, dtype: torch.dtype, what: str) -> Tensor:
+def data_tensor(x: np.ndarray | Tensor, dim: int, dtype: torch.dtype, what: str) -> Tensor:
     """``x`` as an (n, dim) CPU tensor of ``dtype``; InputError for another
     shape, for NaN or infinite values, and for values that ``dtype`` cannot hold."""
     x = torch.as_tensor(np.asarray(x))
@@ -49,7 +48,7 @@ def data_tensor(x: Any, dim: int, dtype: torch.dtype, what: str) -> Tensor:
 
 def check_training(
     config: TrainingConfig,
-    splits: tuple[Any, Any, Any],
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray],
     n_blocks: int = 1,
     processes: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -33,7 +33,7 @@ import torch
 from . import datasets, distributed
 from .atomic import atomic_path, atomic_write, publish, temp_next_to
 from .checkpoint import load_state
-from .config import DataConfig, JKOConfig, config_from_dict
+from .config import DataConfig, JKOConfig, TrainingConfig, config_from_dict
 from .errors import InputError, TrainingError
 from .flow import Flow
 from .metrics import STEP_CHECK_ROWS, data_kl, inversion_error, nll, parameter_count, step_doubling_change
@@ -369,7 +369,7 @@ def _finish_run(
     return summary
 
 
-def _record(method: str, data_config: DataConfig, section: str, config: Any) -> dict[str, Any]:
+def _record(method: str, data_config: DataConfig, section: str, config: TrainingConfig) -> dict[str, Any]:
     return {"method": method, "data": data_config.to_dict(), section: config.to_dict()}
 
 

@@ -58,7 +58,7 @@ class RunDir:
     (['.jkoflow.lock', 'config.json'], 'jko')
     """
 
-    def __init__(self, root: Path, lock: IO, marker: dict[str, Any]):
+    def __init__(self, root: Path, lock: IO, marker: dict[str, Any]) -> None:
         self.root = root
         self._lock = lock
         self.marker = marker

@@ -592,7 +592,9 @@ API_CASES = [
 
 
 @pytest.mark.parametrize("call,match", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
-def test_api_refuses_bad_input(call: Callable[[], object], match: str, tmp_path: Path, monkeypatch) -> None:
+def test_api_refuses_bad_input(
+    call: Callable[[], object], match: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     os.mkdir("b")
     _write("b/notes.txt", "x")
@@ -609,7 +611,7 @@ def test_api_refuses_bad_input(call: Callable[[], object], match: str, tmp_path:
 # --- what a refused or repaired run leaves behind -----------------------------------------------
 
 
-def test_resume_mid_block_with_fewer_blocks_is_refused(midblock: Path, capsys) -> None:
+def test_resume_mid_block_with_fewer_blocks_is_refused(midblock: Path, capsys: pytest.CaptureFixture) -> None:
     before = _snapshot(midblock)
     assert main(["train", "--resume", str(midblock), "--max-blocks", "1", "--quiet"]) == 2
     line = capsys.readouterr().err.strip()
@@ -618,7 +620,9 @@ def test_resume_mid_block_with_fewer_blocks_is_refused(midblock: Path, capsys) -
     assert _snapshot(midblock) == before
 
 
-def test_resume_writes_the_missing_final_files(workspace: Path, base: Path, capsys) -> None:
+def test_resume_writes_the_missing_final_files(
+    workspace: Path, base: Path, capsys: pytest.CaptureFixture
+) -> None:
     for name in ("flow.pt", "summary.json", "samples.png"):
         os.remove(f"b/{name}")
     trainer = _snapshot(workspace)["b/trainer.pt"]
@@ -634,7 +638,7 @@ def test_resume_writes_the_missing_final_files(workspace: Path, base: Path, caps
     assert Path("b/samples.png").is_file()
 
 
-def test_overwrite_removes_only_what_jkoflow_wrote(workspace: Path, capsys) -> None:
+def test_overwrite_removes_only_what_jkoflow_wrote(workspace: Path, capsys: pytest.CaptureFixture) -> None:
     _write("b/notes.txt", "mine")
     os.mkdir("b/mine")
     _write("b/mine/flow.pt", "mine too")
@@ -651,7 +655,9 @@ def test_overwrite_removes_only_what_jkoflow_wrote(workspace: Path, capsys) -> N
     assert set(os.listdir("b")) == {*new["files"], MARKER, "notes.txt", "mine"}
 
 
-def test_full_disk_gives_one_line_and_leaves_no_temporary_file(workspace: Path, monkeypatch, capsys) -> None:
+def test_full_disk_gives_one_line_and_leaves_no_temporary_file(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     np.save("s.npy", np.arange(3.0))
     before = _snapshot(workspace)
     _no_space(monkeypatch)
@@ -671,7 +677,7 @@ def test_full_disk_gives_one_line_and_leaves_no_temporary_file(workspace: Path, 
     assert main(["train", "--data", "checkerboard", "--out", "new", "--overwrite", *TINY]) == 0
 
 
-def test_one_column_data_train_and_plot(workspace: Path, capsys) -> None:
+def test_one_column_data_train_and_plot(workspace: Path, capsys: pytest.CaptureFixture) -> None:
     np.save("one.npy", np.random.default_rng(1).normal(size=(3000, 1)))
     assert main(["train", "--data", "one.npy", "--out", "one", *TINY]) == 0
     assert main(["plot", "one"]) == 0
