@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import TrainerState, load_state
+from .checkpoint import TrainerState, data_fingerprint, load_state
 from .config import JKOConfig, TrainingConfig, config_from_dict, resolve_device, resolve_dtype, resume_config
 from .errors import InputError
 from .flow import Flow
@@ -97,17 +97,23 @@ class Resume:
     finalize: bool
 
 
-def check_resume(trainer: Path, finals: tuple[Path, ...], config: JKOConfig) -> Resume:
+def check_resume(
+    trainer: Path, finals: tuple[Path, ...], config: JKOConfig, data: tuple[Tensor, Tensor, Tensor]
+) -> Resume:
     """Checks that the run whose trainer state is ``trainer`` can continue with
-    ``config`` (which may differ only in resumable options): refuses lowering
-    ``max_blocks`` below a half-trained block, and a finished run that would
-    get no new block while its final files ``finals`` all exist."""
+    ``config`` (which may differ only in resumable options) on the same
+    ``data`` (train, val, test as :func:`check_training` returns them): refuses
+    lowering ``max_blocks`` below a half-trained block, and a finished run that
+    would get no new block while its final files ``finals`` all exist."""
     if not trainer.is_file():
         raise InputError(f"nothing to resume in {trainer.parent}: {trainer.name} not found")
     with reading_content(trainer, "training checkpoint"):
         state = load_state(trainer)
         saved = config_from_dict(JKOConfig, state.config)
         open_kind = state.history["stages"][-1]["kind"] if state.history["stages"] else "initial"
+        for name, x in zip(("train", "val", "test"), data, strict=True):
+            if not np.allclose(data_fingerprint(x), state.data[name], rtol=1e-9):
+                raise InputError(f"the {name} data differ from those {trainer} was trained on")
     config = resume_config(saved, config)
     if state.finished:
         if len(state.flow) < config.max_blocks:

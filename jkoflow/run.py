@@ -384,7 +384,19 @@ def check_jko(
 ) -> Resume | None:
     """Every check of :func:`run_jko` that can refuse the run; reads, never writes.
     Returns what resuming means with ``resume``, else None."""
-    check_training(config, splits, max(1, len(config.block_types)), processes)
+    data = check_training(config, splits, max(1, len(config.block_types)), processes)
+    return _check_run_dir(out, data_config, config, data, overwrite, resume)
+
+
+def _check_run_dir(
+    out: str | os.PathLike,
+    data_config: DataConfig,
+    config: JKOConfig,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    overwrite: bool,
+    resume: bool,
+) -> Resume | None:
+    """The checks of :func:`check_jko` on the run directory (rank 0's alone)."""
     if not resume:
         RunDir.check_new(check_out_path(out), overwrite)
         return None
@@ -393,7 +405,7 @@ def check_jko(
         raise InputError(f"nothing to resume in {files.root}: {files.trainer.name} not found")
     if files.data_config() != data_config:
         raise InputError(f"cannot change the data when resuming {files.root}")
-    return check_resume(files.trainer, (files.flow, files.history, files.summary), config)
+    return check_resume(files.trainer, (files.flow, files.history, files.summary), config, data)
 
 
 def run_jko(
@@ -422,11 +434,12 @@ def run_jko(
     returns the summary, the other ranks return an empty dict.
     """
     group = distributed.current()
-    plan = check_jko(out, data_config, config, splits, overwrite, resume, group.size)
+    data = check_training(config, splits, max(1, len(config.block_types)), group.size)
     if not group.is_main:
         return _follow_jko(out, config, splits, resume, group)
     failed = True
-    try:
+    try:  # the run directory is rank 0's: it checks, locks and writes it
+        plan = _check_run_dir(out, data_config, config, data, overwrite, resume)
         files, run = _start_run(out, overwrite, _record("jko", data_config, "train", config), threads, resume)
         failed = False
     finally:

@@ -105,6 +105,13 @@ def _edit_trainer(edit: Callable[[dict], None]) -> Callable[[], None]:
     return lambda: _edit_flow("b/trainer.pt", edit)
 
 
+def _train_then_edit_data(data: str, out: str) -> None:
+    """A finished run on the data file ``data`` whose rows are then changed."""
+    _data(data, lambda x: None)
+    assert main(["train", "--data", data, "--out", out, *TINY]) == 0
+    _data(data, lambda x: x.__imul__(1.001))
+
+
 def _hold_lock(path: str) -> subprocess.Popen:
     """Another process that holds the flock of ``path`` until killed."""
     code = "import fcntl,sys,time; f=open(sys.argv[1],'a'); fcntl.flock(f,fcntl.LOCK_EX); print(1,flush=True)"
@@ -275,6 +282,13 @@ CASES = [
         ["train", "--resume", "b", "--seed", "3"],
         2,
         "--seed cannot be used with --resume",
+    ),
+    Case(
+        "resume-data-changed",
+        ["train", "--resume", "r", "--max-blocks", "2", "--quiet"],
+        2,
+        "the train data differ from those r/trainer.pt was trained on",
+        lambda: _train_then_edit_data("d.npy", "r"),
     ),
     Case(
         "resume-config-train-list",
