@@ -464,6 +464,20 @@ def _check_sample_size(n: int, flow: Flow, folder: Path) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     files = RunFiles(args.run).require()
+    with RunDir.open(files.root) as run:  # no eval of a run that a process is training
+        result = _evaluate(files, args)
+        write_json(run.claim("eval.json"), result)
+    print(
+        f"NLL {result['nll']:.4f} nats/sample ({_steps_note(result, '/block')}, "
+        f"{result['rows']} rows of {result['data']}); inversion error {result['inversion_error']:.3e}"
+    )
+    _warn_steps(result)
+    if "kl" in result:
+        print(f"KL(data ‖ model) {result['kl']:.4f} ± {result['kl_stderr']:.4f} nats (exact data density)")
+
+
+def _evaluate(files: RunFiles, args: argparse.Namespace) -> dict[str, Any]:
+    """What eval.json holds: NLL and the flow's figures on the data that ``args`` name."""
     flow = _loaded_flow(files, args)
     if args.eval_steps is not None:
         if args.eval_steps < 1:
@@ -482,30 +496,21 @@ def _eval(args: argparse.Namespace) -> None:
         source = args.data
     if x.shape[1] != flow.dim:
         raise InputError(f"data {source} have {x.shape[1]} columns but the flow has dimension {flow.dim}")
-    result = {
+    return {
         "data": source,
         "rows": len(x),
         "nll": nll(flow, x),
         **flow_figures(flow, x),
         **target_kl(flow, name, x),
     }
-    print(
-        f"NLL {result['nll']:.4f} nats/sample ({_steps_note(result, '/block')}, "
-        f"{result['rows']} rows of {source}); inversion error {result['inversion_error']:.3e}"
-    )
-    _warn_steps(result)
-    if "kl" in result:
-        print(f"KL(data ‖ model) {result['kl']:.4f} ± {result['kl_stderr']:.4f} nats (exact data density)")
-    with RunDir.open(files.root) as run:
-        write_json(run.claim("eval.json"), result)
 
 
 def _plot(args: argparse.Namespace) -> None:
     files = RunFiles(args.run).require()
-    history = files.history_record()
-    x_test = load_data(files.data_config())[2]
-    flow = _loaded_flow(files, args)
     with RunDir.open(files.root) as run:
+        history = files.history_record()
+        x_test = load_data(files.data_config())[2]
+        flow = _loaded_flow(files, args)
         write_plots(files, flow, history, x_test, seed=files.data_config().seed, run=run)
     print(f"redrew the plots of {files.root}")
 
