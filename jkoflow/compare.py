@@ -87,7 +87,7 @@ def compare(
     """Trains both methods on the split of ``data_config`` into ``out/jko`` and
     ``out/otflow``, then writes the comparison (:func:`write_comparison`)."""
     root = check_out_path(out)
-    RunDir.check_new(root, overwrite, "a comparison")
+    RunDir.check_new(root, overwrite)
     splits = load_data(data_config)
     check_jko(root / "jko", data_config, jko_config, splits, overwrite)
     check_otflow(root / "otflow", otflow_config, splits, overwrite)

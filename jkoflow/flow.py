@@ -189,7 +189,7 @@ class Flow(nn.Module):
         """Rebuilds a flow from :meth:`to_payload`; block types are looked up in
         the :mod:`blocks` registry. Edited content (missing keys, wrong shapes,
         non-float or mixed dtypes) raises InputError."""
-        with reading_content(where, "flow checkpoint"):
+        with reading_content(where, "the flow in"):
             config = json.loads(payload["config"])
             made = []
             for spec in config["blocks"]:

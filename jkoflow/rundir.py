@@ -79,7 +79,7 @@ class RunDir:
         return marker
 
     @classmethod
-    def check_new(cls, root: Path, overwrite: bool, what: str = "a run") -> None:
+    def check_new(cls, root: Path, overwrite: bool) -> None:
         """Refuses (InputError) a ``root`` that a new run may not be created in:
         a file, a directory not made by jkoflow that is not empty, or one holding
         a jkoflow run without ``overwrite``. Reads only."""
@@ -87,15 +87,19 @@ class RunDir:
             raise InputError(f"--out {root} exists and is not a directory")
         if not root.is_dir() or not _contents(root):
             return
-        if cls.read_marker(root) is None:
+        marker = cls.read_marker(root)
+        if marker is None:
             raise InputError(
                 f"{root} is not empty and was not made by jkoflow; choose a new or empty --out "
                 "(--overwrite only replaces jkoflow's own runs)"
             )
         if not overwrite:
+            method = marker.get("method")
+            held = "a comparison" if method == "compare" else f"a run ({method})"
+            resume = ", --resume to continue it" if method == "jko" else ""
             raise InputError(
-                f"{root} already holds {what}; pass --overwrite to replace it, "
-                "--resume to continue it, or choose another --out"
+                f"{root} already holds {held}; pass --overwrite to replace it{resume}, "
+                "or choose another --out"
             )
 
     @classmethod

@@ -175,7 +175,12 @@ CASES = [
         "exists and is not a directory",
         lambda: _write("f.txt", "x"),
     ),
-    Case("out-holds-run", ["train", *NEW[:2], "--out", "b", *TINY], 2, "b already holds a run"),
+    Case(
+        "out-holds-run",
+        ["train", *NEW[:2], "--out", "b", *TINY],
+        2,
+        "b already holds a run (jko); pass --overwrite to replace it, --resume to continue it",
+    ),
     Case(
         "overwrite-then-bad-batch",
         ["train", *NEW[:2], "--out", "b", "--overwrite", *TINY, "--batch-size", "100000"],
@@ -297,20 +302,20 @@ CASES = [
         "JKOConfig settings must be a JSON object, got list",
         lambda: _write("b/config.json", {**json.loads(Path("b/config.json").read_text()), "train": []}),
     ),
-    Case("resume-nothing", ["train", "--resume", "nothing"], 2, "not found"),
+    Case("resume-nothing", ["train", "--resume", "nothing"], 2, "file not found: nothing/config.json"),
     Case("resume-lr-inf", ["train", "--resume", "b", "--lr", "inf"], 2, "lr must be a finite number"),
     Case(
         "resume-trainer-missing-key",
         ["train", "--resume", "b", "--max-blocks", "2", "--quiet"],
         2,
-        "training checkpoint b/trainer.pt is damaged (KeyError",
+        "training checkpoint b/trainer.pt is damaged (KeyError: 'state')",
         _edit_trainer(lambda p: p.pop("state")),
     ),
     Case(
         "resume-trainer-wrong-shape",
         ["train", "--resume", "b", "--max-blocks", "2", "--quiet"],
         2,
-        "trainer.pt is damaged (RuntimeError",
+        "the flow in b/trainer.pt is damaged (RuntimeError: Error(s) in loading state_dict",
         _edit_trainer(
             lambda p: p["flow"]["state"].__setitem__(_first_weight(p["flow"]["state"]), torch.zeros(3, 3))
         ),
@@ -397,7 +402,12 @@ CASES = [
         "is constant",
         lambda: (_data(*CONST), _write("c.json", {**CMP_CFG, "otflow": {"standardize": True}})),
     ),
-    Case("compare-out-holds-run", ["compare", *NEW[:2], "--out", "b", *CMP], 2, "b already holds"),
+    Case(
+        "compare-out-holds-run",
+        ["compare", *NEW[:2], "--out", "b", *CMP],
+        2,
+        "b already holds a run (jko); pass --overwrite to replace it",
+    ),
     Case(
         "compare-out-foreign",
         ["compare", *NEW[:2], "--out", "p", "--overwrite", *CMP],
@@ -421,14 +431,14 @@ CASES = [
         "eval-flow-missing-key",
         ["eval", "b"],
         2,
-        "flow checkpoint b/flow.pt is damaged (KeyError",
+        "the flow in b/flow.pt is damaged (KeyError: 'shift')",
         lambda: _edit_flow("b/flow.pt", lambda p: p["state"].pop("shift")),
     ),
     Case(
         "eval-flow-wrong-shape",
         ["eval", "b"],
         2,
-        "b/flow.pt is damaged (RuntimeError",
+        "b/flow.pt is damaged (RuntimeError: Error(s) in loading state_dict for Flow: size mismatch",
         lambda: _edit_flow(
             "b/flow.pt", lambda p: p["state"].__setitem__(_first_weight(p["state"]), torch.zeros(5))
         ),
