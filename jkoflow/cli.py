@@ -1,7 +1,8 @@
 """The ``jkoflow`` command line: the only place that parses arguments.
 
-Exit status: 0 success, 2 bad input (one line on stderr), 1 failed training,
-130 interrupted (Ctrl-C; a train run can be resumed with --resume).
+Exit status: 0 success, 2 bad input (one line on stderr), 1 failed training or
+a file system error (one line naming the path), 130 interrupted (Ctrl-C; a
+train run can be resumed with --resume).
 """
 
 from __future__ import annotations
