@@ -113,6 +113,7 @@ class RunDir:
         root.mkdir(parents=True, exist_ok=True)
         lock = _lock(root)
         try:
+            cls.check_new(root, overwrite)  # again, now that no other process can change it
             old = cls.read_marker(root)
             if old is not None:
                 _remove_owned(root, old)
