@@ -518,6 +518,13 @@ CASES = [
         "b is in use by another jkoflow process",
         lambda: _hold_lock("b/" + LOCK),
     ),
+    Case(
+        "plot-history-damaged",
+        ["plot", "b"],
+        2,
+        "b/history.json is damaged: no 'stages' or 'validations' list",
+        lambda: _write("b/history.json", {"stages": 3}),
+    ),
     Case("plot-device-meta", ["plot", "b", "--device", "meta"], 2, "device must be like"),
 ]
 
