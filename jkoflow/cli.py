@@ -1,7 +1,8 @@
 """The ``jkoflow`` command line: the only place that parses arguments.
 
-Exit status: 0 success, 2 bad input (one line on stderr), 1 failed training,
-130 interrupted (Ctrl-C; a train run can be resumed with --resume).
+Exit status: 0 success, 2 bad input (one line on stderr), 1 failed training or
+a file system error (one line naming the path), 130 interrupted (Ctrl-C; a
+train run can be resumed with --resume).
 
 Start-up: this module imports neither torch nor the trainers at import time.
 Each sub-command's options are added when that sub-command is parsed (they
@@ -13,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import InputError, TrainingError
@@ -299,7 +304,12 @@ def _sections(args: argparse.Namespace) -> tuple[dict[str, dict[str, Any]], dict
                 f"{args.config}: unknown keys {', '.join(unknown)}; expected data, train, otflow"
             )
         for key in sections:
-            sections[key].update(loaded.get(key, {}))
+            section = loaded.get(key, {})
+            if not isinstance(section, dict):
+                raise InputError(
+                    f"{args.config}: the {key!r} section must be a JSON object, got {json.dumps(section)}"
+                )
+            sections[key].update(section)
     given = {k: v for k, v in vars(args).items() if v is not None}
     if "data" in given:
         sections["data"]["name"] = given["data"]
@@ -318,6 +328,8 @@ def _config(
     from .config import config_from_dict
 
     names = {f.name for f in dataclasses.fields(cls)} - {"name", "seed"}
+    if not isinstance(section, dict):
+        raise InputError(f"{cls.__name__} settings must be a JSON object, got {type(section).__name__}")
     values = {**(preset or {}), **section, **{k: v for k, v in given.items() if k in names}}
     return config_from_dict(cls, values)
 
@@ -458,25 +470,78 @@ def _sample(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
+    from .atomic import atomic_path
+    from .config import check_seed
     from .run import RunFiles
 
     if args.n < 1:
         raise InputError(f"-n must be a positive integer, got {args.n}")
-    if not args.output.endswith(".npy"):
+    check_seed(args.seed)
+    output = Path(args.output)
+    if output.suffix != ".npy":
         raise InputError(f"-o must name a .npy file, got {args.output!r}")
+    if not output.parent.is_dir():
+        raise InputError(f"-o {args.output}: directory {output.parent} not found")
+    if output.is_dir():
+        raise InputError(f"-o {args.output} is a directory")
     flow = _loaded_flow(RunFiles(args.run).require(), args)
+    _check_sample_size(args.n, flow, output.parent)
     with torch.no_grad():
         x = flow.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
-    np.save(args.output, x.cpu().numpy())
+    with atomic_path(output) as tmp:
+        np.save(tmp, x.cpu().numpy())
     print(f"wrote {args.n} samples of dimension {flow.dim} to {args.output}")
 
 
+SAMPLE_MEMORY_FACTOR = 3
+"""Copies of the (n, d) samples that sampling holds at once (latent draws, the
+integrated chunks, the joined result)."""
+
+
+def _check_sample_size(n: int, flow: Flow, folder: Path) -> None:
+    """InputError when n samples of ``flow`` would not fit in the free memory
+    (:data:`SAMPLE_MEMORY_FACTOR` copies) or on the disk of ``folder``."""
+    size = n * flow.dim * flow.shift.element_size()
+    free_disk = shutil.disk_usage(folder).free
+    if size > free_disk:
+        raise InputError(
+            f"-n {n}: the samples need {size / 2**30:.3g} GiB, {folder} has {free_disk / 2**30:.3g} GiB free"
+        )
+    try:
+        free_memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        return
+    if SAMPLE_MEMORY_FACTOR * size > free_memory:
+        raise InputError(
+            f"-n {n}: sampling needs about {SAMPLE_MEMORY_FACTOR * size / 2**30:.3g} GiB of memory, "
+            f"{free_memory / 2**30:.3g} GiB are free; draw fewer samples per call"
+        )
+
+
 def _eval(args: argparse.Namespace) -> None:
-    from . import datasets
-    from .metrics import nll
-    from .run import RunFiles, flow_figures, load_data, target_kl, write_json
+    from .run import RunFiles, write_json
+    from .rundir import RunDir
 
     files = RunFiles(args.run).require()
+    with RunDir.open(files.root) as run:  # no eval of a run that a process is training
+        result = _evaluate(files, args)
+        write_json(run.claim("eval.json"), result)
+    print(
+        f"NLL {result['nll']:.4f} nats/sample ({_steps_note(result, '/block')}, "
+        f"{result['rows']} rows of {result['data']}); inversion error {result['inversion_error']:.3e}"
+    )
+    _warn_steps(result)
+    if "kl" in result:
+        print(f"KL(data ‖ model) {result['kl']:.4f} ± {result['kl_stderr']:.4f} nats (exact data density)")
+
+
+def _evaluate(files: RunFiles, args: argparse.Namespace) -> dict[str, Any]:
+    """What eval.json holds: NLL and the flow's figures on the data that ``args`` name."""
+    from . import datasets
+    from .config import check_seed
+    from .metrics import nll
+    from .run import flow_figures, load_data, target_kl
+
     flow = _loaded_flow(files, args)
     if args.eval_steps is not None:
         if args.eval_steps < 1:
@@ -490,34 +555,30 @@ def _eval(args: argparse.Namespace) -> None:
         x = load_data(data_config)[2]
         source = f"{data_config.name} (the run's test split)"
     else:
+        check_seed(args.seed)
         x = datasets.load(args.data, n=args.n_samples, seed=args.seed, root=data_config.data_root)
         source = args.data
     if x.shape[1] != flow.dim:
         raise InputError(f"data {source} have {x.shape[1]} columns but the flow has dimension {flow.dim}")
-    result = {
+    return {
         "data": source,
         "rows": len(x),
         "nll": nll(flow, x),
         **flow_figures(flow, x),
         **target_kl(flow, name, x),
     }
-    print(
-        f"NLL {result['nll']:.4f} nats/sample ({_steps_note(result, '/block')}, "
-        f"{result['rows']} rows of {source}); inversion error {result['inversion_error']:.3e}"
-    )
-    _warn_steps(result)
-    if "kl" in result:
-        print(f"KL(data ‖ model) {result['kl']:.4f} ± {result['kl_stderr']:.4f} nats (exact data density)")
-    write_json(files.root / "eval.json", result)
 
 
 def _plot(args: argparse.Namespace) -> None:
-    from .run import RunFiles, load_data, read_json, write_plots
+    from .run import RunFiles, load_data, write_plots
+    from .rundir import RunDir
 
     files = RunFiles(args.run).require()
-    history = read_json(files.history)
-    x_test = load_data(files.data_config())[2]
-    write_plots(files, _loaded_flow(files, args), history, x_test, seed=files.data_config().seed)
+    with RunDir.open(files.root) as run:
+        history = files.history_record()
+        x_test = load_data(files.data_config())[2]
+        flow = _loaded_flow(files, args)
+        write_plots(files, flow, history, x_test, seed=files.data_config().seed, run=run)
     print(f"redrew the plots of {files.root}")
 
 
@@ -559,19 +620,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         if size > 1 and args.command != "train":
             raise InputError(f"only 'train' runs on several processes; run '{args.command}' as one process")
         COMMANDS[args.command](args)
-    except InputError as error:
+    except BaseException as error:
+        status, line = _failure(error)
         if main_rank:
-            print(f"jkoflow: error: {error}", file=sys.stderr)
-        return 2
-    except TrainingError as error:
-        if main_rank:
-            print(f"jkoflow: training failed: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as interrupt:
-        if main_rank:
-            print("jkoflow: interrupted" + (f"; {interrupt}" if str(interrupt) else ""), file=sys.stderr)
-        return 130
+            print(line, file=sys.stderr)
+        return status
     return 0
+
+
+def _failure(error: BaseException) -> tuple[int, str]:
+    """The exit status and the one stderr line of a failed command: 2 for bad
+    input, 1 for failed training, a file system error (naming the path) or
+    memory running out, 130 for Ctrl-C; anything else is a bug and re-raised."""
+    if isinstance(error, InputError):
+        return 2, f"jkoflow: error: {error}"
+    if isinstance(error, TrainingError):
+        return 1, f"jkoflow: training failed: {error}"
+    if isinstance(error, KeyboardInterrupt):
+        return 130, "jkoflow: interrupted" + (f"; {error}" if str(error) else "")
+    if isinstance(error, OSError):
+        path = f" {error.filename}" if error.filename is not None else ""
+        reason = error.strerror or " ".join(str(error).split())
+        return 1, f"jkoflow: error: cannot access{path}: {reason}"
+    if isinstance(error, MemoryError):
+        return 1, "jkoflow: error: out of memory; use smaller data, batches or -n"
+    raise error
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_path, atomic_write
 from .config import DataConfig, JKOConfig
-from .errors import InputError
 from .metrics import KLResult, mmd2, nll_difference, wasserstein2
 from .otflow import OTFlowConfig
 from .plots import plot_comparison
-from .run import RunFiles, load_data, read_json, run_jko, run_otflow, target_kl
+from .run import RunFiles, check_jko, check_otflow, load_data, read_json, run_jko, run_otflow, target_kl
+from .rundir import RunDir, check_out_path
 
 __all__ = ["COLUMNS", "compare", "time_to_reach", "write_comparison"]
 
@@ -39,6 +40,10 @@ COLUMNS = (
     "train_seconds",
     "sample_seconds_per_10k",
 )
+
+
+OUTPUTS = ("compare.csv", "compare.md", "compare.png")
+"""The files a comparison writes next to its two run directories."""
 
 
 def time_to_reach(curve: dict[str, list[float]], target: float) -> float | None:
@@ -81,15 +86,17 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Trains both methods on the split of ``data_config`` into ``out/jko`` and
     ``out/otflow``, then writes the comparison (:func:`write_comparison`)."""
-    root = Path(out)
-    if (root / "compare.md").exists() and not overwrite:
-        raise InputError(
-            f"{root} already holds a comparison; pass --overwrite to replace it or choose another --out"
-        )
+    root = check_out_path(out)
+    RunDir.check_new(root, overwrite)
     splits = load_data(data_config)
-    run_jko(root / "jko", data_config, jko_config, splits, threads, overwrite, progress)
-    run_otflow(root / "otflow", data_config, otflow_config, splits, threads, overwrite, progress)
-    return write_comparison(root)
+    check_jko(root / "jko", data_config, jko_config, splits, overwrite)
+    check_otflow(root / "otflow", otflow_config, splits, overwrite)
+    with RunDir.create(root, "compare", overwrite) as run:
+        for name in OUTPUTS:
+            run.claim(name)
+        run_jko(root / "jko", data_config, jko_config, splits, threads, overwrite, progress)
+        run_otflow(root / "otflow", data_config, otflow_config, splits, threads, overwrite, progress)
+        return write_comparison(root)
 
 
 def write_comparison(out: str | os.PathLike, n_metric: int = 2000) -> list[dict[str, Any]]:
@@ -140,13 +147,16 @@ def write_comparison(out: str | os.PathLike, n_metric: int = 2000) -> list[dict[
         "jkoflow": _jko_curve(read_json(runs["jkoflow"].history)),
         "OT-Flow": _otflow_curve(read_json(runs["OT-Flow"].history)),
     }
-    with open(root / "compare.csv", "w", newline="") as handle:
+    with atomic_write(root / "compare.csv", newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    plot_comparison(curves, samples, root / "compare.png")
+    with atomic_path(root / "compare.png") as tmp:
+        plot_comparison(curves, samples, tmp)
     paired = nll_difference(flows["jkoflow"], flows["OT-Flow"], x_test)
-    (root / "compare.md").write_text(_markdown(rows, curves, summaries, data_config, bandwidth, n, paired))
+    text = _markdown(rows, curves, summaries, data_config, bandwidth, n, paired)
+    with atomic_write(root / "compare.md") as handle:
+        handle.write(text)
     return rows
 
 

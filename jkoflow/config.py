@@ -4,6 +4,7 @@ run; invalid values raise :class:`~jkoflow.errors.InputError` on construction.""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,10 +17,12 @@ from .errors import InputError
 
 __all__ = [
     "RESUMABLE",
+    "SEED_MAX",
     "DataConfig",
     "JKOConfig",
     "TrainingConfig",
     "check_positive",
+    "check_types",
     "config_from_dict",
     "resolve_device",
     "resolve_dtype",
@@ -28,6 +31,10 @@ __all__ = [
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CACHE_POLICIES = ("auto", "device", "host")
+DEVICE_TYPES = ("cpu", "cuda")
+SEED_MAX = 2**32 - 1
+"""Largest seed: seeds are 32-bit, as numpy's, so that the seeds derived from
+them (per block, per step and rank) fit torch's 64-bit generators."""
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -38,13 +45,22 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device named ``name`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``); a
-    CUDA device must exist on this machine."""
+def parse_device(name: object) -> torch.device:
+    """The torch device named ``name``: only CPU and CUDA devices (``"cpu"``,
+    ``"cuda"``, ``"cuda:N"``) can train and evaluate flows."""
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise InputError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {name!r}") from None
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise InputError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {name!r}")
+    return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device named ``name`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``); a
+    CUDA device must exist on this machine."""
+    device = parse_device(name)
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -52,6 +68,40 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= count:
             raise InputError(f"device {name!r} asked for, but torch sees {count} CUDA GPU(s)")
     return device
+
+
+def _kind(f: dataclasses.Field) -> type | None:
+    """The type a config field holds, read from its default."""
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return type(default) if isinstance(default, (bool, int, float, str, dict, tuple)) else None
+
+
+KIND_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def check_types(config: Any) -> None:
+    """Raises InputError unless every field of the dataclass ``config`` holds a
+    value of its default's type (an int also for a float field; floats finite),
+    so that JSON such as ``"lr": "x"`` or ``"seed": 1.5`` is refused by name."""
+    for f in dataclasses.fields(config):
+        kind, value = _kind(f), getattr(config, f.name)
+        if kind is None:
+            continue
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            what = KIND_NAMES.get(kind, "a " + ("list" if kind is tuple else "JSON object"))
+            raise InputError(f"{f.name} must be {what}, got {value!r}")
+
+
+def check_seed(seed: int) -> None:
+    """Raises InputError unless 0 ≤ ``seed`` ≤ :data:`SEED_MAX`."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise InputError(f"seed must be an integer in [0, {SEED_MAX}], got {seed!r}")
 
 
 def check_positive(config: Any, names: tuple[str, ...], kind: type) -> None:
@@ -92,11 +142,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise InputError(f"data must be a toy name or a file path, got {self.name!r}")
-        check_positive(self, ("n_samples",), int)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.data_root, str):
             raise InputError(f"data_root must be a directory path, got {self.data_root!r}")
+        check_types(self)
+        check_positive(self, ("n_samples",), int)
+        check_seed(self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,11 +198,12 @@ class TrainingConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_positive(self, ("lr",), float)
         check_positive(
             self, ("width", "depth", "iters", "batch_size", "train_steps", "eval_steps", "chunk_size"), int
         )
-        _check_count(self, ("seed",))
+        check_seed(self.seed)
         if self.train_steps > self.eval_steps:
             raise InputError(
                 f"train_steps ({self.train_steps}) must not exceed eval_steps ({self.eval_steps})"
@@ -169,10 +220,7 @@ class TrainingConfig:
             if name in self.block_options and not isinstance(self.block_options[name], dict):
                 raise InputError(f"block_options[{name!r}] must be a dict of options for {name!r} blocks")
         resolve_dtype(self.dtype)
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            raise InputError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {self.device!r}") from None
+        parse_device(self.device)
 
     def block_types_used(self) -> tuple[str, ...]:
         """The block type names this config can build."""
@@ -369,6 +417,8 @@ def resume_config(saved: JKOConfig, given: JKOConfig) -> JKOConfig:
 
 def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Builds the dataclass ``cls`` from a dict, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise InputError(f"{cls.__name__} settings must be a JSON object, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:

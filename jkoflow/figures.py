@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import datasets
+from .atomic import atomic_path
 from .errors import InputError
 from .flow import Flow, as_data_tensor
 from .inspect import (
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FIGURE_FILES",
     "PATH_STEPS",
+    "flow_figure_names",
     "plot_corner",
     "plot_density",
     "plot_pushforward",
@@ -272,14 +274,17 @@ def plot_corner(flow: Flow, x: Any, max_dims: int = 6, max_points: int = 2000, s
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> None:
-    """Writes ``fig`` atomically: to a temporary file beside ``path``, then renamed."""
+    """Writes ``fig`` atomically (:func:`jkoflow.atomic.atomic_path`: a uniquely
+    named temporary file beside ``path``, then renamed over it)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def flow_figure_names(dim: int) -> list[str]:
+    """The files :func:`write_flow_figures` writes for a flow of dimension ``dim``."""
+    names = ["pushforward", "trajectories", "density" if dim == 2 else "corner"]
+    return [FIGURE_FILES[name] for name in names]
 
 
 def write_flow_figures(

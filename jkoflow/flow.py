@@ -24,7 +24,7 @@ from blocks import Block
 from .errors import InputError
 from .objectives import gaussian_log_prob
 from .ode import integrate
-from .serialization import read_payload, write_payload
+from .serialization import read_payload, reading_content, write_payload
 
 __all__ = ["Flow", "as_data_tensor", "chunked"]
 
@@ -192,18 +192,24 @@ class Flow(nn.Module):
     @classmethod
     def from_payload(cls, payload: dict[str, Any], where: str | os.PathLike = "checkpoint") -> Flow:
         """Rebuilds a flow from :meth:`to_payload`; block types are looked up in
-        the :mod:`blocks` registry."""
-        config = json.loads(payload["config"])
-        made = []
-        for spec in config["blocks"]:
-            try:
-                made.append(block_registry.make(spec["type"], **spec["config"]))
-            except (TypeError, ValueError) as error:
-                raise InputError(f"cannot rebuild the flow in {where}: {error}") from None
-        state = payload["state"]
-        flow = cls(config["dim"], made, steps=config["steps"])
-        flow = flow.to(dtype=state["shift"].dtype, device=state["shift"].device)
-        flow.load_state_dict(state)
+        the :mod:`blocks` registry. Edited content (missing keys, wrong shapes,
+        non-float or mixed dtypes) raises InputError."""
+        with reading_content(where, "the flow in"):
+            config = json.loads(payload["config"])
+            made = []
+            for spec in config["blocks"]:
+                try:
+                    made.append(block_registry.make(spec["type"], **spec["config"]))
+                except (TypeError, ValueError) as error:
+                    raise InputError(f"cannot rebuild the flow in {where}: {error}") from None
+            state = payload["state"]
+            dtype = state["shift"].dtype
+            for key, value in state.items():
+                if not isinstance(value, Tensor) or value.dtype != dtype or not dtype.is_floating_point:
+                    raise TypeError(f"entry {key!r} is not a {dtype} tensor")
+            flow = cls(config["dim"], made, steps=config["steps"])
+            flow = flow.to(dtype=dtype, device=state["shift"].device)
+            flow.load_state_dict(state)
         return flow
 
     def save(self, path: str | os.PathLike) -> None:

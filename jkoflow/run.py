@@ -1,5 +1,9 @@
-"""The run directory (docs/design.md, "The run directory"): what a training run leaves on disk and how
-commands read it back.
+"""The run directory (docs/design.md, "The run directory"): what a training run
+leaves on disk and how commands read it back.
+
+    .jkoflow-run.json  the marker: the run's identity and the manifest of the
+                    files jkoflow wrote here (:mod:`jkoflow.rundir`); written first
+    .jkoflow.lock   locked (flock) while a process trains in the directory
 
     config.json     data and trainer configs, library versions, threads
     flow.pt         the final flow (weights + JSON config, no pickled code)
@@ -18,8 +22,8 @@ import csv
 import json
 import os
 import platform
-import shutil
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +31,24 @@ import numpy as np
 import torch
 
 from . import datasets, distributed
+from .atomic import atomic_path, atomic_write, publish, temp_next_to
 from .checkpoint import load_state
-from .config import DataConfig, JKOConfig, config_from_dict, resolve_device
+from .config import DataConfig, JKOConfig, TrainingConfig, config_from_dict
 from .errors import InputError, TrainingError
-from .figures import write_flow_figures
+from .figures import flow_figure_names, write_flow_figures
 from .flow import Flow
 from .metrics import STEP_CHECK_ROWS, data_kl, inversion_error, nll, parameter_count, step_doubling_change
 from .otflow import OTFlowConfig, train_otflow
 from .plots import plot_h_per_block, plot_samples, plot_validation_curve, plot_w2_per_block
+from .preflight import Resume, check_resume, check_training
+from .rundir import RunDir, check_out_path
 from .scheduler import JKOHistory, train_jko
 
 __all__ = [
     "IterationLog",
     "RunFiles",
+    "check_jko",
+    "check_otflow",
     "flow_figures",
     "load_data",
     "prepare_run_dir",
@@ -84,37 +93,44 @@ class RunFiles:
     def load_flow(self, device: str | torch.device = "cpu") -> Flow:
         return Flow.load(self.flow, map_location=device)
 
+    def record(self) -> dict[str, Any]:
+        """config.json as a dict with a ``data`` section; InputError when damaged."""
+        record = read_json(self.config)
+        if not isinstance(record, dict) or not isinstance(record.get("data"), dict):
+            raise InputError(f"{self.config} is damaged: no 'data' section")
+        return record
+
     def data_config(self) -> DataConfig:
-        return config_from_dict(DataConfig, read_json(self.config)["data"])
+        return config_from_dict(DataConfig, self.record()["data"])
 
     def method(self) -> str:
         """``"jko"`` or ``"otflow"``: which trainer made the run."""
-        return read_json(self.config).get("method", "jko")
+        return self.record().get("method", "jko")
+
+    def history_record(self) -> dict[str, Any]:
+        """history.json as a dict with the per-stage (JKO) or per-validation
+        (OT-Flow) records the plots need; InputError when damaged."""
+        history = read_json(self.history)
+        if not isinstance(history, dict) or not (
+            isinstance(history.get("stages"), list) or isinstance(history.get("validations"), list)
+        ):
+            raise InputError(f"{self.history} is damaged: no 'stages' or 'validations' list")
+        return history
 
 
-def prepare_run_dir(path: str | os.PathLike, overwrite: bool = False) -> RunFiles:
-    """Creates the run directory; refuses one that already holds a run unless
-    ``overwrite``, in which case the old run's files are removed first."""
-    files = RunFiles(path)
-    if files.root.exists() and not files.root.is_dir():
-        raise InputError(f"--out {files.root} exists and is not a directory")
-    if files.config.exists():
-        if not overwrite:
-            raise InputError(
-                f"{files.root} already holds a run; pass --overwrite to replace it, "
-                "--resume to continue it, or choose another --out"
-            )
-        shutil.rmtree(files.root)
-    files.root.mkdir(parents=True, exist_ok=True)
-    return files
+def prepare_run_dir(path: str | os.PathLike, method: str = "jko", overwrite: bool = False) -> RunDir:
+    """Makes the run directory ``path`` jkoflow's and locks it (:meth:`RunDir.create`):
+    an empty or current-directory path, a file, a non-empty directory that
+    jkoflow did not make, and one holding a run without ``overwrite`` are
+    refused; with ``overwrite`` the old run's own files are removed first."""
+    return RunDir.create(check_out_path(path), method, overwrite)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Writes JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, path)
+    """Writes JSON atomically (:mod:`jkoflow.atomic`)."""
+    text = json.dumps(data, indent=2, allow_nan=True) + "\n"
+    with atomic_write(path) as file:
+        file.write(text)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -167,16 +183,22 @@ def versions() -> dict[str, str]:
 
 class IterationLog:
     """Appends records (JKO iterations or OT-Flow validations) to a CSV file as
-    training goes."""
+    training goes.
+
+    The lines go to a temporary file next to ``path`` that :meth:`close`
+    publishes over ``path`` atomically (also when training failed), so that the
+    log is never half-written and two processes never share a file."""
 
     JKO_FIELDS = ("stage", "block", "iter", "loss", "kl", "transport", "lr", "seconds")
     OTFLOW_FIELDS = ("iter", "n_batches", "seconds", "val_nll", "lr")
 
     def __init__(
-        self, path: str | os.PathLike, fields: tuple[str, ...], records: list[dict[str, Any]] = ()
+        self, path: str | os.PathLike, fields: tuple[str, ...], records: Iterable[dict[str, Any]] = ()
     ) -> None:
         """Starts the file with a header and ``records`` (e.g. those of a resumed run)."""
-        self._file = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self._path = Path(path)
+        self._tmp = temp_next_to(path)
+        self._file = open(self._tmp, "w", newline="")  # noqa: SIM115 - closed in close()
         self._writer = csv.DictWriter(self._file, fields, extrasaction="ignore")
         self._writer.writeheader()
         self._writer.writerows(records)
@@ -189,7 +211,14 @@ class IterationLog:
             self._file.flush()
 
     def close(self) -> None:
+        """Publishes the log over ``path``."""
+        if self._file.closed:
+            return
         self._file.close()
+        try:
+            publish(self._tmp, self._path)
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> IterationLog:
         return self
@@ -274,54 +303,65 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
 
 
 def write_plots(
-    files: RunFiles, flow: Flow, history: dict[str, Any], x_test: np.ndarray, seed: int = 0
+    files: RunFiles,
+    flow: Flow,
+    history: dict[str, Any],
+    x_test: np.ndarray,
+    seed: int = 0,
+    run: RunDir | None = None,
 ) -> None:
-    """The run's figures: for a JKO run w2_per_block.png and h_per_block.png,
-    for an OT-Flow run val_nll.png; for both samples.png (test data, model
-    samples, test data pushed to the latent space) and the figures of
-    :func:`jkoflow.figures.write_flow_figures` (per-block pushforward,
-    trajectories, density or corner plot)."""
+    """The run's figures, each written atomically (and entered in ``run``'s
+    manifest): for a JKO run w2_per_block.png and h_per_block.png, for an
+    OT-Flow run val_nll.png; for data of 2 or more columns samples.png (test
+    data, model samples, test data pushed to the latent space); and the
+    figures of :func:`jkoflow.figures.write_flow_figures` (per-block
+    pushforward, trajectories, density or corner plot)."""
+    figures: list[tuple[Path, Callable[[Path], None]]] = []
     if "stages" in history:
-        plot_w2_per_block(history, files.w2_plot)
-        plot_h_per_block(history, files.h_plot)
+        figures += [
+            (files.w2_plot, lambda path: plot_w2_per_block(history, path)),
+            (files.h_plot, lambda path: plot_h_per_block(history, path)),
+        ]
     else:
-        plot_validation_curve(history, files.val_plot)
-    n = min(len(x_test), 20000)
-    with torch.no_grad():
-        model = flow.sample(n, generator=torch.Generator().manual_seed(seed)).cpu().numpy()
-        latent = flow(x_test[:n])[0].cpu().numpy()
-    plot_samples(x_test[:n], model, latent, files.samples_plot)
+        figures.append((files.val_plot, lambda path: plot_validation_curve(history, path)))
+    if flow.dim >= 2:
+        n = min(len(x_test), 20000)
+        with torch.no_grad():
+            model = flow.sample(n, generator=torch.Generator().manual_seed(seed)).cpu().numpy()
+            latent = flow(x_test[:n])[0].cpu().numpy()
+        figures.append((files.samples_plot, lambda path: plot_samples(x_test[:n], model, latent, path)))
+    for path, draw in figures:
+        if run is not None:
+            run.claim(path.name)
+        with atomic_path(path) as tmp:
+            draw(tmp)
+    if run is not None:
+        for name in flow_figure_names(flow.dim):
+            run.claim(name)
     write_flow_figures(flow, x_test, files.root, target=files.data_config().name, seed=seed)
 
 
 def _start_run(
     out: str | os.PathLike,
     overwrite: bool,
-    method: str,
-    data_config: DataConfig,
-    section: str,
-    config: Any,
+    record: dict[str, Any],
     threads: int,
     resume: bool = False,
-) -> RunFiles:
-    """Creates the run directory (or, with ``resume``, checks it holds a run to
-    continue) and writes config.json."""
-    resolve_device(config.device)  # fail before writing anything
-    if resume:
-        files = RunFiles(out)
-        if not files.trainer.is_file():
-            raise InputError(f"nothing to resume in {files.root}: {files.trainer.name} not found")
-        if files.data_config() != data_config:
-            raise InputError(f"cannot change the data when resuming {files.root}")
-    else:
-        files = prepare_run_dir(out, overwrite)
-    record = {"method": method, "data": data_config.to_dict(), section: config.to_dict()}
-    write_json(files.config, {**record, "threads": threads, "versions": versions()})
-    return files
+) -> tuple[RunFiles, RunDir]:
+    """Takes the run directory (a new one, or with ``resume`` the existing one,
+    locked either way) and writes config.json (``record`` and the versions)."""
+    run = RunDir.open(out) if resume else prepare_run_dir(out, record["method"], overwrite)
+    try:
+        write_json(run.claim("config.json"), {**record, "threads": threads, "versions": versions()})
+    except BaseException:
+        run.release()
+        raise
+    return RunFiles(run.root), run
 
 
 def _finish_run(
     files: RunFiles,
+    run: RunDir,
     flow: Flow,
     history: dict[str, Any],
     summary: dict[str, Any],
@@ -329,11 +369,50 @@ def _finish_run(
     seed: int,
 ) -> dict[str, Any]:
     """Writes the flow, history, summary and plots of a finished run; returns the summary."""
-    flow.save(files.flow)
-    write_json(files.history, history)
-    write_json(files.summary, summary)
-    write_plots(files, flow.cpu(), history, x_test, seed=seed)
+    flow.save(run.claim(files.flow.name))
+    write_json(run.claim(files.history.name), history)
+    write_json(run.claim(files.summary.name), summary)
+    write_plots(files, flow.cpu(), history, x_test, seed=seed, run=run)
     return summary
+
+
+def _record(method: str, data_config: DataConfig, section: str, config: TrainingConfig) -> dict[str, Any]:
+    return {"method": method, "data": data_config.to_dict(), section: config.to_dict()}
+
+
+def check_jko(
+    out: str | os.PathLike,
+    data_config: DataConfig,
+    config: JKOConfig,
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray],
+    overwrite: bool = False,
+    resume: bool = False,
+    processes: int = 1,
+) -> Resume | None:
+    """Every check of :func:`run_jko` that can refuse the run; reads, never writes.
+    Returns what resuming means with ``resume``, else None."""
+    data = check_training(config, splits, max(1, len(config.block_types)), processes)
+    return _check_run_dir(out, data_config, config, data, overwrite, resume)
+
+
+def _check_run_dir(
+    out: str | os.PathLike,
+    data_config: DataConfig,
+    config: JKOConfig,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    overwrite: bool,
+    resume: bool,
+) -> Resume | None:
+    """The checks of :func:`check_jko` on the run directory (rank 0's alone)."""
+    if not resume:
+        RunDir.check_new(check_out_path(out), overwrite)
+        return None
+    files = RunFiles(out)
+    if not files.trainer.is_file():
+        raise InputError(f"nothing to resume in {files.root}: {files.trainer.name} not found")
+    if files.data_config() != data_config:
+        raise InputError(f"cannot change the data when resuming {files.root}")
+    return check_resume(files.trainer, (files.flow, files.history, files.summary), config, data)
 
 
 def run_jko(
@@ -348,42 +427,64 @@ def run_jko(
 ) -> dict[str, Any]:
     """Trains a JKO flow and writes its run directory; returns the summary.
 
+    Every check that can refuse the run (:func:`check_jko`) runs before the
+    directory is created or changed; the directory is locked while training.
     The trainer's state is kept in ``trainer.pt``. With ``resume``, training
     continues from it (``config`` may differ from the run's only in
     :data:`~jkoflow.config.RESUMABLE` options; a finished run with a larger
-    ``max_blocks`` gets more blocks). If a block's loss stays non-finite, the
-    finished blocks are written to ``flow-partial.pt`` and TrainingError is
-    raised.
+    ``max_blocks`` gets more blocks; a finished run whose final files are
+    missing gets them). If a block's loss stays non-finite, the finished
+    blocks are written to ``flow-partial.pt`` and TrainingError is raised.
 
     In a process group (:mod:`jkoflow.distributed`) every rank trains its share
-    of each mini-batch; rank 0 alone writes the run directory and returns the
-    summary, the other ranks return an empty dict.
+    of each mini-batch; rank 0 alone locks and writes the run directory and
+    returns the summary, the other ranks return an empty dict.
     """
-    x_train, x_val, x_test = splits
-    for k in range(max(1, len(config.block_types))):  # fail on a bad block before creating the run
-        config.make_block(x_train.shape[1], k)
     group = distributed.current()
+    data = check_training(config, splits, max(1, len(config.block_types)), group.size)
     if not group.is_main:
         return _follow_jko(out, config, splits, resume, group)
     failed = True
-    try:
-        files = _start_run(out, overwrite, "jko", data_config, "train", config, threads, resume)
+    try:  # the run directory is rank 0's: it checks, locks and writes it
+        plan = _check_run_dir(out, data_config, config, data, overwrite, resume)
+        files, run = _start_run(out, overwrite, _record("jko", data_config, "train", config), threads, resume)
         failed = False
     finally:
         group.any(failed)  # the other ranks wait for the run directory
-    done = load_state(files.trainer).history["iterations"] if resume else []
+    with run:
+        if plan is not None and plan.finalize:
+            flow, history = plan.state.flow, JKOHistory.from_dict(plan.state.history)
+            start = time.perf_counter()
+        else:
+            done = plan.state.history["iterations"] if plan is not None else []
+            start = time.perf_counter()
+            flow, history = _train_in(files, run, config, splits, progress, done, resume)
+        summary = summarize(flow, history, splits[2], time.perf_counter() - start)
+        summary.update(target_kl(flow, data_config.name, splits[2]))
+        return _finish_run(files, run, flow, history.to_dict(), summary, splits[2], data_config.seed)
+
+
+def _train_in(
+    files: RunFiles,
+    run: RunDir,
+    config: JKOConfig,
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray],
+    progress: bool,
+    done: list[dict[str, Any]],
+    resume: bool,
+) -> tuple[Flow, JKOHistory]:
+    """:func:`train_jko` with the run directory's log, stage checkpoints and trainer state."""
 
     def save_stage(history: JKOHistory, flow: Flow) -> None:  # a checkpoint after every stage
-        flow.save(stage_checkpoint(files, history.stages[-1]))
+        flow.save(run.claim(stage_checkpoint(files, history.stages[-1]).name))
         write_json(files.history, history.to_dict())
 
-    start = time.perf_counter()
-    with IterationLog(files.log, IterationLog.JKO_FIELDS, done) as log:
+    run.claim(files.history.name)
+    run.claim(files.trainer.name)
+    with IterationLog(run.claim(files.log.name), IterationLog.JKO_FIELDS, done) as log:
         try:
-            flow, history = train_jko(
-                x_train,
-                x_val,
-                x_test,
+            return train_jko(
+                *splits,
                 config=config,
                 progress=progress,
                 callback=log,
@@ -393,14 +494,11 @@ def run_jko(
             )
         except TrainingError as error:
             state = load_state(files.trainer)
-            state.flow.head(error.block_index).save(files.partial_flow)
+            state.flow.head(error.block_index).save(run.claim(files.partial_flow.name))
             raise TrainingError(
                 f"{error}; saved them to {files.partial_flow} (continue with --resume and a lower --lr)",
                 error.block_index,
             ) from None
-    summary = summarize(flow, history, x_test, time.perf_counter() - start)
-    summary.update(target_kl(flow, data_config.name, x_test))
-    return _finish_run(files, flow, history.to_dict(), summary, x_test, data_config.seed)
 
 
 def _follow_jko(
@@ -418,6 +516,17 @@ def _follow_jko(
     return {}
 
 
+def check_otflow(
+    out: str | os.PathLike,
+    config: OTFlowConfig,
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray],
+    overwrite: bool = False,
+) -> None:
+    """Every check of :func:`run_otflow` that can refuse the run; reads, never writes."""
+    check_training(config, splits)
+    RunDir.check_new(check_out_path(out), overwrite)
+
+
 def run_otflow(
     out: str | os.PathLike,
     data_config: DataConfig,
@@ -427,22 +536,28 @@ def run_otflow(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Trains the monolithic OT-Flow baseline and writes its run directory."""
+    """Trains the monolithic OT-Flow baseline and writes its run directory
+    (after every check that can refuse it, :func:`check_otflow`)."""
     x_train, x_val, x_test = splits
-    files = _start_run(out, overwrite, "otflow", data_config, "otflow", config, threads)
-    start = time.perf_counter()
-    with IterationLog(files.log, IterationLog.OTFLOW_FIELDS) as log:
-        flow, history = train_otflow(x_train, x_val, config=config, progress=progress, callback=log)
-    wall = time.perf_counter() - start
-    summary = {
-        "test_nll": nll(flow, x_test),
-        "n_blocks": 1,
-        "stopped_by": history.stopped_by,
-        "train_seconds": history.train_seconds,
-        "wall_seconds": wall,
-        "n_batches": history.n_batches,
-        "best": history.best,
-        **flow_figures(flow, x_test),
-        **target_kl(flow, data_config.name, x_test),
-    }
-    return _finish_run(files, flow, history.to_dict(), summary, x_test, data_config.seed)
+    check_otflow(out, config, splits, overwrite)
+    files, run = _start_run(out, overwrite, _record("otflow", data_config, "otflow", config), threads)
+    with run:
+        start = time.perf_counter()
+        with IterationLog(run.claim(files.log.name), IterationLog.OTFLOW_FIELDS) as log:
+            try:
+                flow, history = train_otflow(x_train, x_val, config=config, progress=progress, callback=log)
+            except FloatingPointError as error:
+                raise TrainingError(str(error), 0) from None
+        wall = time.perf_counter() - start
+        summary = {
+            "test_nll": nll(flow, x_test),
+            "n_blocks": 1,
+            "stopped_by": history.stopped_by,
+            "train_seconds": history.train_seconds,
+            "wall_seconds": wall,
+            "n_batches": history.n_batches,
+            "best": history.best,
+            **flow_figures(flow, x_test),
+            **target_kl(flow, data_config.name, x_test),
+        }
+        return _finish_run(files, run, flow, history.to_dict(), summary, x_test, data_config.seed)

@@ -8,27 +8,42 @@ checks both and turns every failure into a one-line :class:`InputError`.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_write
 from .errors import InputError
 
-__all__ = ["read_payload", "write_payload"]
+__all__ = ["CONTENT_ERRORS", "read_payload", "reading_content", "write_payload"]
+
+CONTENT_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError)
+"""What rebuilding objects from a payload with missing keys, wrong shapes or wrong
+types raises (``json``, ``load_state_dict``, dataclass constructors)."""
 
 
 def write_payload(payload: dict[str, Any], path: str | os.PathLike) -> None:
-    """Writes ``payload`` to ``path`` atomically: a temporary file in the same
-    directory, flushed to disk, then renamed over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as file:
+    """Writes ``payload`` to ``path`` atomically (:mod:`jkoflow.atomic`)."""
+    with atomic_write(path, "wb") as file:
         torch.save(payload, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def reading_content(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turns a :data:`CONTENT_ERRORS` exception raised while the block rebuilds
+    objects from the payload of ``path`` into one InputError line: a file with
+    the right format tag whose content was edited or damaged."""
+    try:
+        yield
+    except InputError:
+        raise
+    except CONTENT_ERRORS as error:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise InputError(f"{what} {path} is damaged ({reason[:160]}); it cannot be used") from None
 
 
 def read_payload(

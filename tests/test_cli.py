@@ -118,7 +118,7 @@ def _bad_files(tmp_path):
         (["--data", "{t}/vec.npy"], "2-D"),
         (["--data", "{t}/inf.npy"], "NaN or inf"),
         (["--data", "{t}/few.npy", "--batch-size", "64"], "batch_size is 64"),
-        (["--data", "moons", "--out", "{t}/existing"], "already holds a run"),
+        (["--data", "moons", "--out", "{t}/existing"], "was not made by jkoflow"),
         (["--data", "moons", "--h0", "0"], "h0 must be a positive"),
         (["--data", "moons", "--width", "-3"], "width must be a positive"),
         (["--data", "moons", "--train-steps", "0"], "train_steps must be a positive"),

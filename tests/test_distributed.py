@@ -256,7 +256,7 @@ def test_ranks_agree_on_the_time_budget(two):
 
 @needs_gloo
 def test_all_ranks_stop_when_rank_0_cannot_start_the_run(two):
-    assert "already holds a run" in (two / "taken" / "rank0.txt").read_text()
+    assert "was not made by jkoflow" in (two / "taken" / "rank0.txt").read_text()
     assert "rank 0 could not start the run" in (two / "taken" / "rank1.txt").read_text()
 
 
@@ -280,7 +280,7 @@ RUN_FILES = {
     "summary.json",
     "trainer.pt",
 }
-RUN_FILES |= {"w2_per_block.png", "h_per_block.png", "samples.png"}
+RUN_FILES |= {"w2_per_block.png", "h_per_block.png", "samples.png", ".jkoflow-run.json", ".jkoflow.lock"}
 RUN_FILES |= {"blocks_pushforward.png", "trajectories.png", "density.png"}  # jkoflow.figures
 
 
@@ -305,6 +305,8 @@ def test_torchrun_cli_writes_only_rank_0s_run(tmp_path):
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("test NLL") == 1  # one report, from rank 0
     assert {p.name for p in (tmp_path / "two").iterdir()} == RUN_FILES
+    manifest = json.loads((tmp_path / "two" / ".jkoflow-run.json").read_text())["files"]
+    assert {*manifest, ".jkoflow-run.json"} == RUN_FILES  # rank 0 entered every file it wrote
     log = (tmp_path / "two" / "log.csv").read_text().splitlines()
     assert len(log) == 1 + 4 and log[0].startswith("stage,")  # one header, each step once
     data_config = DataConfig("8gaussians", n_samples=1500)

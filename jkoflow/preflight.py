@@ -1,0 +1,133 @@
+"""Every check that can refuse a run, done before anything is created or changed.
+
+:func:`check_training` builds what training would build first: the device, the
+data as tensors in the run's dtype, the standardisation and the first blocks.
+:func:`check_resume` reads (never writes) the run directory and the trainer's
+state of a run to continue and decides what resuming it means. A run whose
+checks pass is then started in its directory (:mod:`jkoflow.rundir`); one
+whose checks fail leaves the disk as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import TrainerState, data_fingerprint, load_state
+from .config import JKOConfig, TrainingConfig, config_from_dict, resolve_device, resolve_dtype, resume_config
+from .errors import InputError
+from .flow import Flow
+from .serialization import reading_content
+
+__all__ = ["Resume", "check_resume", "check_training", "data_tensor"]
+
+
+def data_tensor(x: np.ndarray | Tensor, dim: int, dtype: torch.dtype, what: str) -> Tensor:
+    """``x`` as an (n, dim) CPU tensor of ``dtype``; InputError for another
+    shape, for NaN or infinite values, and for values that ``dtype`` cannot hold."""
+    x = torch.as_tensor(np.asarray(x))
+    if not x.is_floating_point():
+        x = x.double()
+    if x.dim() != 2 or x.shape[1] != dim or len(x) == 0:
+        raise InputError(f"{what} must have shape (n, {dim}) with n ≥ 1, got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise InputError(f"{what} hold NaN or infinite values")
+    cast = x.to(dtype)
+    if not torch.isfinite(cast).all():
+        name = str(dtype).removeprefix("torch.")
+        raise InputError(
+            f"{what} hold values up to {float(x.abs().max()):.3g}, beyond the range of {name} "
+            f"(±{torch.finfo(dtype).max:.3g}); use --dtype float64 or rescale the data"
+        )
+    return cast
+
+
+def check_training(
+    config: TrainingConfig,
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray],
+    n_blocks: int = 1,
+    processes: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Checks that ``config`` can start training on ``splits`` (train, val,
+    test): the device exists, the data fit the dtype, the batch fits the
+    training set (and the ``processes``), the standardisation is defined and
+    the first ``n_blocks`` blocks can be built on the device. Returns the
+    splits as tensors in the config's dtype (on the CPU)."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype)
+    first = np.asarray(splits[0])
+    dim = first.shape[1] if first.ndim == 2 else -1
+    tensors = tuple(
+        data_tensor(x, dim, dtype, f"the {name} data")
+        for x, name in zip(splits, ("training", "validation", "test"), strict=True)
+    )
+    rows = len(tensors[0])
+    if rows < config.batch_size:
+        raise InputError(
+            f"the training set has {rows} rows but batch_size is {config.batch_size}; "
+            "lower --batch-size or give more data"
+        )
+    if config.batch_size < processes:
+        raise InputError(
+            f"batch_size ({config.batch_size}) must be at least the number of processes ({processes})"
+        )
+    Flow.for_data(tensors[0], config.eval_steps, config.standardize)
+    for k in range(n_blocks):
+        config.make_block(dim, k).to(device=device, dtype=dtype)
+    return tensors
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What resuming a run means.
+
+    Attributes:
+        config: The run's config with the options given for the resumed run.
+        state: The trainer's saved state.
+        finalize: The state is finished and ``config`` adds no block, but the
+            run's final files are missing: write them from the state, train nothing.
+    """
+
+    config: JKOConfig
+    state: TrainerState
+    finalize: bool
+
+
+def check_resume(
+    trainer: Path, finals: tuple[Path, ...], config: JKOConfig, data: tuple[Tensor, Tensor, Tensor]
+) -> Resume:
+    """Checks that the run whose trainer state is ``trainer`` can continue with
+    ``config`` (which may differ only in resumable options) on the same
+    ``data`` (train, val, test as :func:`check_training` returns them): refuses
+    lowering ``max_blocks`` below a half-trained block, and a finished run that
+    would get no new block while its final files ``finals`` all exist."""
+    if not trainer.is_file():
+        raise InputError(f"nothing to resume in {trainer.parent}: {trainer.name} not found")
+    with reading_content(trainer, "training checkpoint"):
+        state = load_state(trainer)
+        saved = config_from_dict(JKOConfig, state.config)
+        open_kind = state.history["stages"][-1]["kind"] if state.history["stages"] else "initial"
+        for name, x in zip(("train", "val", "test"), data, strict=True):
+            if not np.allclose(data_fingerprint(x), state.data[name], rtol=1e-9):
+                raise InputError(f"the {name} data differ from those {trainer} was trained on")
+    config = resume_config(saved, config)
+    if state.finished:
+        if len(state.flow) < config.max_blocks:
+            return Resume(config, state, finalize=False)
+        if all(path.is_file() for path in finals):
+            raise InputError(
+                f"training in {trainer.parent} has finished with {len(state.flow)} blocks; "
+                f"pass --max-blocks above {len(state.flow)} to add blocks"
+            )
+        return Resume(config, state, finalize=True)
+    block = state.block
+    if block is not None and open_kind in ("initial", "extend") and block.index >= config.max_blocks:
+        raise InputError(
+            f"{trainer.parent} stopped while training block {block.index + 1}; resume with "
+            f"--max-blocks {block.index + 1} or more (a half-trained block is not kept)"
+        )
+    return Resume(config, state, finalize=False)
