@@ -14,21 +14,25 @@ from .flow import Flow
 from .objectives import JKOLoss, OTFlowLoss, gaussian_log_prob, jko_loss, otflow_loss
 from .ode import ODEResult, integrate
 from .otflow import OTFlowConfig, OTFlowHistory, train_otflow
-from .scheduler import JKOHistory, train_jko
+from .records import BlockRecord, JKOHistory, StageRecord
+from .trainer import JKOTrainer, train_jko
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockRecord",
     "DataConfig",
     "Flow",
     "InputError",
     "JKOConfig",
     "JKOHistory",
     "JKOLoss",
+    "JKOTrainer",
     "ODEResult",
     "OTFlowConfig",
     "OTFlowHistory",
     "OTFlowLoss",
+    "StageRecord",
     "datasets",
     "gaussian_log_prob",
     "integrate",

@@ -34,7 +34,8 @@ from .flow import Flow
 from .metrics import STEP_CHECK_ROWS, data_kl, inversion_error, nll, parameter_count, step_doubling_change
 from .otflow import OTFlowConfig, train_otflow
 from .plots import plot_h_per_block, plot_samples, plot_validation_curve, plot_w2_per_block
-from .scheduler import JKOHistory, train_jko
+from .records import JKOHistory
+from .trainer import train_jko
 
 __all__ = [
     "IterationLog",
@@ -243,7 +244,7 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
                 key: b[key]
                 for key in (
                     "h",
-                    "w2",
+                    "movement",
                     "ter",
                     "n_batches",
                     "seconds",
@@ -260,7 +261,7 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
                 **{key: s[key] for key in STAGE_KEYS if key in s},
                 "n_blocks": len(s["blocks"]),
                 "h": [b["h"] for b in s["blocks"]],
-                "w2": [b["w2"] for b in s["blocks"]],
+                "movement": [b.movement for b in s.blocks],
             }
             for s in history.stages
         ],
