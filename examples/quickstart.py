@@ -24,7 +24,7 @@ config = jkoflow.JKOConfig(width=32, iters=300, max_blocks=4)
 flow, history = jkoflow.train_jko(x_train, x_val=x_val, x_test=x_test, config=config, progress=True)
 for block in history.blocks:
     print(
-        f"block {block['index'] + 1}: h={block['h']:.2f}  W={block['w2']:.3f}  "
+        f"block {block['index'] + 1}: h={block['h']:.2f}  W={block.movement:.3f}  "
         f"test NLL={block['test_nll']:.3f}"
     )
 

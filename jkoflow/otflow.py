@@ -312,52 +312,61 @@ class _OTFlowRun:
         self.validation = _Validation(self.flow, x_val, config, self.history, self.budget, callback)
         self.finished = False
 
-    def train(self, show: bool) -> None:
-        config, history, log_scale = self.config, self.history, float(self.flow.scale.log().sum())
+    def _rollback(self) -> Rollback:
+        """Back to the last snapshot after a non-finite step, with a lower lr;
+        TrainingError once ``nan_retries`` are spent."""
+        progress = self.progress
 
         def give_up(fault: str, it: int) -> NoReturn:
             self.save()
             raise TrainingError(
-                f"OT-Flow: the {fault} was not finite at step {it} after {self.progress.retries} retries "
-                f"(lr scaled by {self.progress.lr_scale:.3g}); try a lower lr",
+                f"OT-Flow: the {fault} was not finite at step {it} after {progress.retries} retries "
+                f"(lr scaled by {progress.lr_scale:.3g}); try a lower lr",
                 block_index=0,
             )
 
         def report(fault: str, it: int) -> None:
             warnings.warn(
-                f"OT-Flow: non-finite {fault} at step {it}; rolled back to step {self.progress.iter} "
-                f"with the lr scaled by {self.progress.lr_scale:.3g}",
+                f"OT-Flow: non-finite {fault} at step {it}; rolled back to step {progress.iter} "
+                f"with the lr scaled by {progress.lr_scale:.3g}",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-
-        def record(step: Step) -> dict[str, Any]:
-            t = step.terms
-            return {
-                "iter": step.it,
-                "loss": t["loss"],
-                "nll": t["nll"] + log_scale,
-                "transport": t["transport"],
-                "hjb": t["hjb"],
-                "lr": step.lr,
-                "seconds": self.progress.seconds,
-            }
 
         parts = snapshot_parts(
             self.block,
             self.optimizer,
             self.generator,
-            history.iterations,
-            self.progress,
+            self.history.iterations,
+            progress,
             self.budget,
             self.validation,
         )
-        rollback = Rollback(self.progress, parts, config.nan_retries, config.nan_lr_factor, give_up, report)
+        return Rollback(progress, parts, self.config.nan_retries, self.config.nan_lr_factor, give_up, report)
+
+    def _record(self, step: Step) -> dict[str, Any]:
+        """The per-step record: ``iter``, ``loss``, ``nll`` (of the data, nats),
+        ``transport``, ``hjb``, ``lr``, ``seconds``."""
+        t, log_scale = step.terms, float(self.flow.scale.log().sum())
+        return {
+            "iter": step.it,
+            "loss": t["loss"],
+            "nll": t["nll"] + log_scale,
+            "transport": t["transport"],
+            "hjb": t["hjb"],
+            "lr": step.lr,
+            "seconds": self.progress.seconds,
+        }
+
+    def train(self, show: bool) -> None:
+        """Runs the loop until ``iters``, the time budget or the last lr drop, then keeps the best weights."""
+        config, history = self.config, self.history
+        rollback = self._rollback()
         rollback.snapshot()
         hooks = [
             self.interrupt,
             self.budget,
-            Records(history.iterations, record),
+            Records(history.iterations, self._record),
             self.validation,
             Bar(self.progress, config.iters, "OT-Flow", show, lambda step: self.validation.shown),
             Checkpoints(self.progress, config.iters, config.checkpoint_every, rollback, self.save),

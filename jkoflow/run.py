@@ -387,15 +387,19 @@ def run_jko(
                 resume=resume,
             )
         except TrainingError as error:
-            state = load_state(files.trainer)
-            state.flow.head(error.block_index).save(files.partial_flow)
-            raise TrainingError(
-                f"{error}; saved them to {files.partial_flow} (continue with --resume and a lower --lr)",
-                error.block_index,
-            ) from None
+            raise _saved_partial(files, error) from None
     summary = summarize(flow, history, x_test, time.perf_counter() - start)
     summary.update(target_kl(flow, data_config.name, x_test))
     return _finish_run(files, flow, history.to_dict(), summary, x_test, data_config.seed)
+
+
+def _saved_partial(files: RunFiles, error: TrainingError) -> TrainingError:
+    """Writes the blocks finished before a failed one to ``flow-partial.pt``; the error to raise."""
+    load_state(files.trainer).flow.head(error.block_index).save(files.partial_flow)
+    return TrainingError(
+        f"{error}; saved them to {files.partial_flow} (continue with --resume and a lower --lr)",
+        error.block_index,
+    )
 
 
 def _follow_jko(

@@ -103,6 +103,38 @@ def new_block(k: int, dim: int, config: JKOConfig, previous: Block | None) -> Bl
 _new_block = new_block  # the name tests and older scripts use
 
 
+def _rollback(
+    trainer: JKOTrainer, block: Block, optimizer: torch.optim.Optimizer, progress: BlockProgress
+) -> Rollback:
+    """Rolls block k back to its last snapshot after a non-finite step, records
+    the fault and warns; raises TrainingError once the retries are spent."""
+    k, config, history = progress.index, trainer.config, trainer.history
+    stage = len(history.stages) - 1
+
+    def give_up(fault: str, it: int) -> NoReturn:
+        trainer.save()
+        raise TrainingError(
+            f"block {k + 1}: the {fault} was not finite at step {it} after {progress.retries} "
+            f"retries (lr scaled by {progress.lr_scale:.3g}); the {k} blocks before it are finished",
+            block_index=k,
+        )
+
+    def report(fault: str, it: int) -> None:
+        fields = ("stage", "block", "iter", "fault", "resumed_at", "lr_scale")
+        history.faults.append(
+            dict(zip(fields, (stage, k, it, fault, progress.iter, progress.lr_scale), strict=True))
+        )
+        warnings.warn(
+            f"block {k + 1}: non-finite {fault} at step {it}; rolled back to step {progress.iter} "
+            f"with the lr scaled by {progress.lr_scale:.3g} (retry {progress.retries}/{config.nan_retries})",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+    parts = snapshot_parts(block, optimizer, trainer.generator, history.iterations, progress, trainer.budget)
+    return Rollback(progress, parts, config.nan_retries, config.nan_lr_factor, give_up, report)
+
+
 def _optimize_block(trainer: JKOTrainer, block: Block, plan: BlockPlan, x: Tensor) -> BlockProgress:
     """Adam steps on the JKO loss of block ``plan.index`` on the shared loop,
     continuing its saved progress if it has one; a non-finite step rolls back."""
@@ -118,37 +150,9 @@ def _optimize_block(trainer: JKOTrainer, block: Block, plan: BlockPlan, x: Tenso
     objective = JKOObjective(
         block, plan, x, config, trainer.generator, trainer.placement, lambda: trainer.budget.batches
     )
-    stage = len(history.stages) - 1
-
-    def give_up(fault: str, it: int) -> NoReturn:
-        trainer.save()
-        raise TrainingError(
-            f"block {k + 1}: the {fault} was not finite at step {it} after {progress.retries} "
-            f"retries (lr scaled by {progress.lr_scale:.3g}); the {k} blocks before it are finished",
-            block_index=k,
-        )
-
-    def report(fault: str, it: int) -> None:
-        history.faults.append(
-            {
-                "stage": stage,
-                "block": k,
-                "iter": it,
-                "fault": fault,
-                "resumed_at": progress.iter,
-                "lr_scale": progress.lr_scale,
-            }
-        )
-        warnings.warn(
-            f"block {k + 1}: non-finite {fault} at step {it}; rolled back to step {progress.iter} "
-            f"with the lr scaled by {progress.lr_scale:.3g} (retry {progress.retries}/{config.nan_retries})",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-
-    parts = snapshot_parts(block, optimizer, trainer.generator, history.iterations, progress, trainer.budget)
-    rollback = Rollback(progress, parts, config.nan_retries, config.nan_lr_factor, give_up, report)
+    rollback = _rollback(trainer, block, optimizer, progress)
     rollback.snapshot()
+    stage = len(history.stages) - 1
 
     def record(step: Step) -> dict[str, float | int]:
         return {

@@ -44,7 +44,7 @@ from .samples import Pushed, Samples
 from .scheduler import fit_block, new_block
 from .stages import STAGES, BlockPlan, PlanContext, Slice
 
-__all__ = ["JKOTrainer", "train_jko"]
+__all__ = ["JKOTrainer", "run_pipeline", "train_jko"]
 
 StageCallback = Callable[[JKOHistory, Flow], None]
 
@@ -159,7 +159,7 @@ class JKOTrainer:
         saved_config = config_from_dict(JKOConfig, saved.config)
         config = saved_config if config is None else resume_config(saved_config, config)
         trainer = cls(x_train, x_val, x_test, config, saved.flow, checkpoint=checkpoint, **options)
-        trainer.restore(saved)
+        _restore(trainer, saved)
         return trainer
 
     # -- the scheme, step by step ---------------------------------------------------
@@ -213,24 +213,6 @@ class JKOTrainer:
         self.finished = True
         self.save()
         return stage
-
-    def run_pipeline(self) -> None:
-        """The configured stages, continued where they stand (what :func:`train_jko` runs)."""
-        if self.finished:
-            self.extend()
-            return
-        if self.history.open_stage("extend") is not None:
-            self.run_stage("extend")
-        else:
-            self.run_stage("initial")
-            if self.history.stages[0].blocks:  # else the flow already had max_blocks blocks
-                self.reparametrize(self.config.reparam_iters - self.history.count("reparam", complete=True))
-                for c in self.config.refine[self.history.count("refine", complete=True) :]:
-                    if self.history.open_stage("refine") is None and self.budget.done():
-                        break
-                    self.refine(c)
-        self.finished = True
-        self.save()
 
     # -- stages ---------------------------------------------------------------------
 
@@ -340,17 +322,18 @@ class JKOTrainer:
         if path is not None and self.placement.group.is_main:
             save_state(self.state(), path)
 
-    def restore(self, state: TrainerState) -> None:
-        """Continues from ``state``, which must have been trained on the same data."""
-        for name, x in self.samples.sets.items():
-            if name not in state.data or not np.allclose(data_fingerprint(x), state.data[name], rtol=1e-9):
-                raise InputError(f"the {name} data differ from those the checkpoint was trained on")
-        self.history = JKOHistory.from_dict({**state.history, "config": self.config.to_dict()})
-        self.parents = [p.to(self.placement.like) for p in state.parents] if state.parents else None
-        self.first, self.budget.batches, self.budget.seconds = state.first, state.batches, state.seconds
-        self.finished, self.block = state.finished, state.block
-        self.generator.set_state(state.generator)
-        torch.set_rng_state(state.torch_rng)
+
+def _restore(trainer: JKOTrainer, state: TrainerState) -> None:
+    """Continues ``trainer`` from ``state``, which must have been trained on the same data."""
+    for name, x in trainer.samples.sets.items():
+        if name not in state.data or not np.allclose(data_fingerprint(x), state.data[name], rtol=1e-9):
+            raise InputError(f"the {name} data differ from those the checkpoint was trained on")
+    trainer.history = JKOHistory.from_dict({**state.history, "config": trainer.config.to_dict()})
+    trainer.parents = [p.to(trainer.placement.like) for p in state.parents] if state.parents else None
+    trainer.first, trainer.budget.batches, trainer.budget.seconds = state.first, state.batches, state.seconds
+    trainer.finished, trainer.block = state.finished, state.block
+    trainer.generator.set_state(state.generator)
+    torch.set_rng_state(state.torch_rng)
 
 
 @contextmanager
@@ -374,6 +357,28 @@ def _stop_on_interrupt(interrupt: Interrupt, enabled: bool) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def run_pipeline(trainer: JKOTrainer) -> None:
+    """The configured stages, continued where they stand: ``initial``, then up to
+    ``reparam_iters`` ``reparam`` stages, then one ``refine`` stage per entry of
+    ``refine``; a finished run gets an ``extend`` stage instead."""
+    history, config = trainer.history, trainer.config
+    if trainer.finished:
+        trainer.extend()
+        return
+    if history.open_stage("extend") is not None:
+        trainer.run_stage("extend")
+    else:
+        trainer.run_stage("initial")
+        if history.stages[0].blocks:  # else the flow already had max_blocks blocks
+            trainer.reparametrize(config.reparam_iters - history.count("reparam", complete=True))
+            for c in config.refine[history.count("refine", complete=True) :]:
+                if history.open_stage("refine") is None and trainer.budget.done():
+                    break
+                trainer.refine(c)
+    trainer.finished = True
+    trainer.save()
+
+
 def train_jko(
     x_train: Any,
     x_val: Any = None,
@@ -388,38 +393,28 @@ def train_jko(
 ) -> tuple[Flow, JKOHistory]:
     """Trains a flow block by block with the JKO scheme, then runs the
     reparametrisation and refinement stages that ``config`` asks for
-    (:meth:`JKOTrainer.run_pipeline`).
+    (:func:`run_pipeline`).
 
     Arguments:
-        x_train: Training data, array-like (n, d).
-        x_val: Validation data (n_val, d) for W_k, Ter(k) and NLL; by default a
-            seeded 10 % of ``x_train`` is held out.
-        x_test: Optional test data; its NLL is then recorded per block.
-        config: A :class:`JKOConfig` (defaults if omitted; when resuming, the
-            checkpoint's config, which ``config`` may change only in
-            :data:`~jkoflow.config.RESUMABLE` fields).
-        flow: A flow to extend: new blocks are appended after its (frozen) blocks.
-        progress: Show progress bars and a line per block.
-        callback: Called with every per-iteration record.
-        on_stage: Called as ``on_stage(history, flow)`` after each stage.
-        checkpoint: A file for the trainer's state, written atomically at the
-            end of every block, every ``config.checkpoint_every`` steps and on
-            Ctrl-C (which then stops training with KeyboardInterrupt).
-        resume: Continue from ``checkpoint`` with the same data: the result is
-            the one of an uninterrupted run. If that run had finished, blocks
-            are added until the flow holds ``config.max_blocks`` blocks.
+        x_train, x_val, x_test: Data (n, d); by default a seeded 10 % of
+            ``x_train`` is the validation set (W_k, Ter(k), NLL); the test NLL
+            is recorded per block when ``x_test`` is given.
+        config: A :class:`JKOConfig` (on resume: the checkpoint's, changed only
+            in :data:`~jkoflow.config.RESUMABLE` fields).
+        flow: A flow to extend: new blocks are trained after its frozen ones.
+        progress, callback, on_stage: Progress bars; a call per iteration
+            record; ``on_stage(history, flow)`` after each stage.
+        checkpoint: The trainer's state file, written atomically at every block
+            end, every ``checkpoint_every`` steps and on Ctrl-C.
+        resume: Continue from ``checkpoint`` with the same data, exactly; a
+            finished run gets blocks until it holds ``max_blocks``.
 
-    In an initialised process group (:mod:`jkoflow.distributed`) every rank
-    calls this with the same arguments; the result matches one process with
-    the same ``batch_size``; only rank 0 writes ``checkpoint``.
+    In a process group (:mod:`jkoflow.distributed`) every rank calls this with
+    the same arguments and gets one process's result; rank 0 writes ``checkpoint``.
+    Returns ``(flow, history)``: the trained :class:`Flow` (eval mode) and a :class:`JKOHistory`.
 
-    Returns:
-        ``(flow, history)``: the trained :class:`Flow` (eval mode) and a :class:`JKOHistory`.
-
-    Raises:
-        TrainingError: A block's loss or gradient stayed non-finite after
-            ``config.nan_retries`` retries; the checkpoint holds the blocks
-            finished before it.
+    Raises TrainingError when a block's loss or gradient stays non-finite after
+    ``config.nan_retries`` retries; the checkpoint then holds the blocks before it.
 
     Example:
         >>> import jkoflow
@@ -430,14 +425,14 @@ def train_jko(
         (1, 5, 'initial')
     """
     options = {"progress": progress, "callback": callback, "on_stage": on_stage}
+    if resume and checkpoint is None:
+        raise InputError("resume needs the checkpoint file to continue from")
+    if resume and flow is not None:
+        raise InputError("pass either a flow to extend or a checkpoint to resume, not both")
     if resume:
-        if checkpoint is None:
-            raise InputError("resume needs the checkpoint file to continue from")
-        if flow is not None:
-            raise InputError("pass either a flow to extend or a checkpoint to resume, not both")
         trainer = JKOTrainer.resume(checkpoint, x_train, x_val, x_test, config, **options)
     else:
         trainer = JKOTrainer(x_train, x_val, x_test, config, flow, checkpoint=checkpoint, **options)
-    trainer.run_pipeline()
+    run_pipeline(trainer)
     trainer.flow.eval()
     return trainer.flow, trainer.history
