@@ -199,7 +199,8 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class JKOConfig(TrainingConfig):
-    """Settings of the block-wise JKO trainer (DESIGN.md §2, §4).
+    """Settings of the block-wise JKO trainer (docs/design.md, "The JKO step" and
+    "The scheduler and its stages").
 
     Shared settings (block, optimisation, integration steps, device) are
     those of :class:`TrainingConfig`.
@@ -225,7 +226,7 @@ class JKOConfig(TrainingConfig):
     Integration: ``train_steps`` RK4 steps per block in training,
     ``eval_steps`` for pushing, NLL and sampling.
 
-    Stages after the initial pass (DESIGN.md §4): up to ``reparam_iters``
+    Stages after the initial pass (:mod:`jkoflow.stages`): up to ``reparam_iters``
     reparametrisation iterations, h_k ← clip(h_k + η(h*_k − h_k), ``h_min``,
     ``h_max``) with η = ``reparam_eta`` and h*_k = h_k·S̄/S_k
     (``reparam_rule="ratio"``) or the equal-arc-length cut of the cumulative

@@ -6,7 +6,7 @@ stop. Everything else is a piece passed in: a :class:`Rollback` that restores
 the last good state after a non-finite loss or gradient (with the learning
 rate scaled by ``lr_factor``, at most ``retries`` times), and :class:`Hook`
 objects for the interrupt vote, budgets, per-step records, the progress bar,
-validation and checkpoints (docs/design.md, "Reliability").
+validation and checkpoints (docs/design.md, "The scheduler and its stages").
 
 References: Xu, Cheng, Xie, JKO-iFlow, https://arxiv.org/abs/2212.14424;
 Onken et al., OT-Flow, https://arxiv.org/abs/2006.00104.

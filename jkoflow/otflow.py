@@ -1,4 +1,4 @@
-"""The monolithic OT-Flow baseline (DESIGN.md §5).
+"""The monolithic OT-Flow baseline (docs/design.md, "The OT-Flow baseline").
 
 One block over t ∈ [0, 1], trained jointly with
 

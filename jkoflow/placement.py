@@ -1,5 +1,5 @@
 """Where a run computes and keeps its samples, resolved once (docs/design.md,
-"Devices, dtypes and the sample cache").
+"The scheduler and its stages"; :mod:`jkoflow.cache` for the cache policy).
 
 :func:`resolve_placement` turns a config's ``device``, ``dtype`` and (JKO)
 ``cache_device`` plus the process group into one frozen :class:`Placement`;
