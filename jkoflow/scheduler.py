@@ -103,6 +103,11 @@ def new_block(k: int, dim: int, config: JKOConfig, previous: Block | None) -> Bl
 _new_block = new_block  # the name tests and older scripts use
 
 
+def _shown(h: float | None) -> str:
+    """h for progress lines; ``none`` for a block without the W2 term."""
+    return "none" if h is None else f"{h:.3g}"
+
+
 def _rollback(
     trainer: JKOTrainer, block: Block, optimizer: torch.optim.Optimizer, progress: BlockProgress
 ) -> Rollback:
@@ -165,7 +170,7 @@ def _optimize_block(trainer: JKOTrainer, block: Block, plan: BlockPlan, x: Tenso
         }
 
     def postfix(step: Step) -> dict[str, str] | None:
-        return {"loss": f"{step.terms['loss']:.4f}", "h": f"{plan.h:.3g}"} if step.it % 10 == 0 else None
+        return {"loss": f"{step.terms['loss']:.4f}", "h": _shown(plan.h)} if step.it % 10 == 0 else None
 
     hooks = [
         trainer.interrupt,
@@ -217,8 +222,8 @@ def fit_block(
     trainer.save()
     if trainer.progress:
         tqdm.write(
-            f"[{stage.name}] block {k + 1}: h={plan.h:.3g}  W={record.movement:.4f}  Ter={record.ter:.4f}  "
-            f"val NLL={record.val_nll:.4f} "
+            f"[{stage.name}] block {k + 1}: h={_shown(plan.h)}  W={record.movement:.4f}  "
+            f"Ter={record.ter:.4f}  val NLL={record.val_nll:.4f} "
             f"({record.step_doubling_change:+.4f} at {2 * trainer.flow.steps} steps)  "
             f"({record.seconds:.1f} s)"
         )

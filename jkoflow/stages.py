@@ -182,7 +182,9 @@ def plan_refine(history: JKOHistory, stage: StageRecord, context: PlanContext) -
     """Every block of the previous stage cut into c = ``stage.factor`` time
     slices, slice j of block k starting as that slice, at h_k/c."""
     count = stage.factor or 2
-    hs = [b.h / count for b in _previous(history, stage).blocks for _ in range(count)]
+    hs = [
+        None if b.h is None else b.h / count for b in _previous(history, stage).blocks for _ in range(count)
+    ]
     iters = context.config.retrain_iters
     return _remaining(stage, hs, iters, context.first, lambda p: Slice(p // count, count, p % count))
 
