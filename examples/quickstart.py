@@ -29,7 +29,7 @@ config = jkoflow.JKOConfig(width=SIZE["width"], iters=SIZE["iters"], max_blocks=
 flow, history = jkoflow.train_jko(x_train, x_val=x_val, x_test=x_test, config=config, progress=not TINY)
 for block in history.blocks:
     print(
-        f"block {block['index'] + 1}: h={block['h']:.2f}  W={block['w2']:.3f}  "
+        f"block {block['index'] + 1}: h={block['h']:.2f}  W={block.movement:.3f}  "
         f"test NLL={block['test_nll']:.3f}"
     )
 

@@ -39,8 +39,11 @@ _ATTRIBUTES = {
     "OTFlowConfig": ".otflow",
     "OTFlowHistory": ".otflow",
     "train_otflow": ".otflow",
-    "JKOHistory": ".scheduler",
-    "train_jko": ".scheduler",
+    "BlockRecord": ".records",
+    "JKOHistory": ".records",
+    "StageRecord": ".records",
+    "JKOTrainer": ".trainer",
+    "train_jko": ".trainer",
 }
 """Public name -> the module that defines it."""
 

@@ -24,13 +24,17 @@ from torch import Tensor
 
 from blocks import Block
 
+from .errors import InputError
 from .flow import Flow
 from .serialization import read_payload, write_payload
 
 __all__ = ["BlockProgress", "TrainerState", "data_fingerprint", "load_state", "save_state"]
 
 FORMAT = "jkoflow.trainer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 calls the per-block movement ``movement`` (version 1: ``w2``) and
+may hold an OT-Flow run (``trainer`` and ``extra``); version 1 files still read."""
+OLDEST_VERSION = 1
 
 
 @dataclass
@@ -56,6 +60,20 @@ class BlockProgress:
     seconds: float = 0.0
     optimizer: dict[str, Any] | None = None
 
+    def count(self, loss: float, seconds: float) -> None:
+        """Counts one finished step of ``seconds`` with this ``loss``."""
+        self.seconds += seconds
+        self.iter += 1
+        self.losses.append(loss)
+
+    def snapshot(self) -> tuple[int, int, float]:
+        """What a rollback restores: the step, the number of losses and the seconds."""
+        return self.iter, len(self.losses), self.seconds
+
+    def restore(self, state: tuple[int, int, float]) -> None:
+        self.iter, n_losses, self.seconds = state
+        del self.losses[n_losses:]
+
     def numbers(self) -> dict[str, Any]:
         """The JSON-able fields (all but the optimizer state)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "optimizer"}
@@ -63,7 +81,8 @@ class BlockProgress:
 
 @dataclass
 class TrainerState:
-    """A snapshot of :func:`jkoflow.train_jko` between two Adam steps.
+    """A snapshot of a trainer (:class:`jkoflow.JKOTrainer` or
+    :func:`jkoflow.train_otflow`) between two Adam steps.
 
     Attributes:
         config: The JKOConfig as a dict.
@@ -79,6 +98,9 @@ class TrainerState:
         block: Progress of the block in training, if one is.
         generator: State of the mini-batch generator.
         torch_rng: State of torch's global CPU generator.
+        trainer: ``"jko"`` or ``"otflow"``.
+        extra: Trainer-specific state (tensors, numbers, lists, dicts), e.g.
+            OT-Flow's best weights and learning-rate drops.
     """
 
     config: dict[str, Any]
@@ -93,6 +115,8 @@ class TrainerState:
     block: BlockProgress | None
     generator: Tensor
     torch_rng: Tensor
+    trainer: str = "jko"
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def data_fingerprint(x: Tensor) -> list[float]:
@@ -110,6 +134,7 @@ def save_state(state: TrainerState, path: str | os.PathLike) -> None:
         "finished": state.finished,
         "data": state.data,
         "block": state.block.numbers() if state.block else None,
+        "trainer": state.trainer,
     }
     parents = None
     if state.parents:
@@ -125,14 +150,20 @@ def save_state(state: TrainerState, path: str | os.PathLike) -> None:
         "optimizer": state.block.optimizer if state.block else None,
         "generator": state.generator,
         "torch_rng": state.torch_rng,
+        "extra": state.extra,
     }
     write_payload(payload, path)
 
 
-def load_state(path: str | os.PathLike) -> TrainerState:
-    """Reads a checkpoint written by :func:`save_state` (tensors on the CPU)."""
-    payload = read_payload(path, FORMAT, FORMAT_VERSION, "training checkpoint")
+def load_state(path: str | os.PathLike, trainer: str = "jko") -> TrainerState:
+    """Reads a checkpoint written by :func:`save_state` (tensors on the CPU), of
+    this format version or an older one; InputError if it holds another
+    ``trainer``'s run."""
+    payload = read_payload(path, FORMAT, FORMAT_VERSION, "training checkpoint", oldest=OLDEST_VERSION)
     numbers = json.loads(payload["state"])
+    found = numbers.get("trainer", "jko")
+    if found != trainer:
+        raise InputError(f"{path} holds a {found!r} run, not a {trainer!r} one")
     flow = Flow.from_payload(payload["flow"], path)
     parents = None
     if payload["parents"] is not None:
@@ -153,4 +184,6 @@ def load_state(path: str | os.PathLike) -> TrainerState:
         block=block,
         generator=payload["generator"],
         torch_rng=payload["torch_rng"],
+        trainer=found,
+        extra=payload.get("extra") or {},
     )

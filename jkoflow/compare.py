@@ -160,6 +160,41 @@ def write_comparison(out: str | os.PathLike, n_metric: int = 2000) -> list[dict[
     return rows
 
 
+def _timing(
+    rows: list[dict[str, Any]],
+    curves: dict[str, dict[str, list[float]]],
+    summaries: dict[str, dict[str, Any]],
+) -> list[str]:
+    """When each method reached the other's NLL, for compare.md."""
+    target = summaries["OT-Flow"]["test_nll"]
+    best = summaries["OT-Flow"]["best"]
+    jko_curve = dict(curves["jkoflow"], nll=curves["jkoflow"]["test_nll"])
+    reached = time_to_reach(jko_curve, target)
+    lines = [
+        f"OT-Flow kept its best validation checkpoint at {best['n_batches']} batches, "
+        f"{best['seconds']:.0f} s (test NLL {target:.4f})."
+    ]
+    if reached is None:
+        lines.append(f"jkoflow did not reach that test NLL ({rows[0]['test_nll']:.4f} at the end).")
+    else:
+        ratio = reached / best["seconds"] if best["seconds"] > 0 else float("inf")
+        lines.append(
+            f"jkoflow reached test NLL ≤ {target:.4f} after {reached:.0f} s of training: "
+            f"{ratio:.2f} × OT-Flow's time to its best checkpoint."
+        )
+    jko_val = curves["jkoflow"]["nll"][-1]
+    caught = time_to_reach(curves["OT-Flow"], jko_val)
+    jko_seconds = curves["jkoflow"]["seconds"][-1]
+    if caught is None:
+        lines.append(f"OT-Flow's validation NLL never reached jkoflow's final {jko_val:.4f}.")
+    else:
+        lines.append(
+            f"OT-Flow's validation NLL first reached jkoflow's final {jko_val:.4f} after {caught:.0f} s "
+            f"(jkoflow: {jko_seconds:.0f} s, ratio {caught / jko_seconds:.1f})."
+        )
+    return lines
+
+
 def _markdown(
     rows: list[dict[str, Any]],
     curves: dict[str, dict[str, list[float]]],
@@ -187,10 +222,6 @@ def _markdown(
             f"{r['inversion_error']:.1e} | {r['n_parameters']} | {r['n_batches']} | "
             f"{r['train_seconds']:.0f} | {r['sample_seconds_per_10k']:.2f} |"
         )
-    target = summaries["OT-Flow"]["test_nll"]
-    best = summaries["OT-Flow"]["best"]
-    jko_curve = dict(curves["jkoflow"], nll=curves["jkoflow"]["test_nll"])
-    reached = time_to_reach(jko_curve, target)
     lines += [
         "",
         f"Test NLL with {steps['jkoflow']} (jkoflow, per block) and {steps['OT-Flow']} (OT-Flow) RK4 steps, "
@@ -209,25 +240,6 @@ def _markdown(
         f"Test NLL jkoflow − OT-Flow: {paired.value:+.4f} ± {paired.stderr:.4f} nats "
         f"(paired over the {paired.n} test points, ± one standard error).",
         "",
-        f"OT-Flow kept its best validation checkpoint at {best['n_batches']} batches, "
-        f"{best['seconds']:.0f} s (test NLL {target:.4f}).",
     ]
-    if reached is None:
-        lines.append(f"jkoflow did not reach that test NLL ({rows[0]['test_nll']:.4f} at the end).")
-    else:
-        ratio = reached / best["seconds"] if best["seconds"] > 0 else float("inf")
-        lines.append(
-            f"jkoflow reached test NLL ≤ {target:.4f} after {reached:.0f} s of training: "
-            f"{ratio:.2f} × OT-Flow's time to its best checkpoint."
-        )
-    jko_val = curves["jkoflow"]["nll"][-1]
-    caught = time_to_reach(curves["OT-Flow"], jko_val)
-    jko_seconds = curves["jkoflow"]["seconds"][-1]
-    if caught is None:
-        lines.append(f"OT-Flow's validation NLL never reached jkoflow's final {jko_val:.4f}.")
-    else:
-        lines.append(
-            f"OT-Flow's validation NLL first reached jkoflow's final {jko_val:.4f} after {caught:.0f} s "
-            f"(jkoflow: {jko_seconds:.0f} s, ratio {caught / jko_seconds:.1f})."
-        )
+    lines += _timing(rows, curves, summaries)
     return "\n".join(lines) + "\n"

@@ -173,6 +173,12 @@ class TrainingConfig:
     ``eval_steps`` for evaluation and sampling; training stops after
     ``max_seconds`` of optimisation (0: no limit).
 
+    Reliability (:mod:`jkoflow.loop`): with a checkpoint file the trainer's
+    state is written every ``checkpoint_every`` Adam steps (0: only at block
+    ends / validations); a non-finite loss or gradient rolls back to the last
+    good state, multiplies the learning rate by ``nan_lr_factor`` and retries,
+    at most ``nan_retries`` times per block.
+
     Example:
         >>> from jkoflow.config import TrainingConfig
         >>> config = TrainingConfig(block="mlp", width=16, block_options={"mlp": {"activation": "softplus"}})
@@ -196,10 +202,16 @@ class TrainingConfig:
     chunk_size: int = 16384
     device: str = "cpu"
     dtype: str = "float32"
+    checkpoint_every: int = 100
+    nan_retries: int = 3
+    nan_lr_factor: float = 0.5
 
     def __post_init__(self) -> None:
         check_types(self)
         check_positive(self, ("lr",), float)
+        _check_count(self, ("checkpoint_every", "nan_retries"))
+        if not (isinstance(self.nan_lr_factor, (int, float)) and 0 < self.nan_lr_factor < 1):
+            raise InputError(f"nan_lr_factor must be in (0, 1), got {self.nan_lr_factor!r}")
         check_positive(
             self, ("width", "depth", "iters", "batch_size", "train_steps", "eval_steps", "chunk_size"), int
         )
@@ -274,11 +286,12 @@ class JKOConfig(TrainingConfig):
     Integration: ``train_steps`` RK4 steps per block in training,
     ``eval_steps`` for pushing, NLL and sampling.
 
-    Stages after the initial pass (docs/design.md, "The scheduler and its stages"): up to ``reparam_iters``
+    Stages after the initial pass (docs/design.md, "The scheduler and its stages";
+    :mod:`jkoflow.stages`): up to ``reparam_iters``
     reparametrisation iterations, h_k ← clip(h_k + η(h*_k − h_k), ``h_min``,
     ``h_max``) with η = ``reparam_eta`` and h*_k = h_k·S̄/S_k
     (``reparam_rule="ratio"``) or the equal-arc-length cut of the cumulative
-    time (``"arclength"``, :func:`jkoflow.scheduler.reparametrize`), until the spread
+    time (``"arclength"``, :func:`jkoflow.stages.reparametrize`), until the spread
     max|S_k − S̄|/S̄ < ``reparam_tol``; then one refinement stage per entry c of
     ``refine`` (every block split into c time slices trained at h_k/c). Blocks
     retrained in these stages get ``stage_iters`` Adam steps (0: ``iters``).
@@ -331,9 +344,6 @@ class JKOConfig(TrainingConfig):
     block_types: tuple[str, ...] = ()
     stage_iters: int = 0
     max_batches: int = 0
-    checkpoint_every: int = 100
-    nan_retries: int = 3
-    nan_lr_factor: float = 0.5
     cache_device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -345,9 +355,7 @@ class JKOConfig(TrainingConfig):
         super().__post_init__()
         check_positive(self, ("h0", "rho", "h_max", "ter_eps", "reparam_tol", "h_min"), float)
         check_positive(self, ("max_blocks",), int)
-        _check_count(self, ("reparam_iters", "stage_iters", "max_batches", "checkpoint_every", "nan_retries"))
-        if not (isinstance(self.nan_lr_factor, (int, float)) and 0 < self.nan_lr_factor < 1):
-            raise InputError(f"nan_lr_factor must be in (0, 1), got {self.nan_lr_factor!r}")
+        _check_count(self, ("reparam_iters", "stage_iters", "max_batches"))
         if not 0 <= self.lr_final_factor <= 1:
             raise InputError(f"lr_final_factor must be in [0, 1], got {self.lr_final_factor!r}")
         if self.h_min > self.h_max:
@@ -358,8 +366,13 @@ class JKOConfig(TrainingConfig):
             isinstance(c, bool) or not isinstance(c, int) or c < 2 for c in self.refine
         ):
             raise InputError(f"refine factors must be integers ≥ 2, got {self.refine!r}")
-        if self.reparam_rule not in ("ratio", "arclength"):
-            raise InputError(f"reparam_rule must be 'ratio' or 'arclength', got {self.reparam_rule!r}")
+        from .stages import REPARAM_RULES  # the registry (jkoflow.stages imports this module)
+
+        if self.reparam_rule not in REPARAM_RULES:
+            raise InputError(
+                f"reparam_rule must be one of {', '.join(map(repr, REPARAM_RULES))}, "
+                f"got {self.reparam_rule!r}"
+            )
         if self.transport not in ("path", "endpoint"):
             raise InputError(f"transport must be 'path' or 'endpoint', got {self.transport!r}")
         if self.cache_device not in CACHE_POLICIES:
@@ -404,7 +417,7 @@ def resume_config(saved: JKOConfig, given: JKOConfig) -> JKOConfig:
     """``given`` if it differs from the config of a checkpoint (``saved``) only in
     :data:`RESUMABLE` fields; InputError otherwise."""
     changed = [
-        f.name for f in dataclasses.fields(JKOConfig) if getattr(saved, f.name) != getattr(given, f.name)
+        f.name for f in dataclasses.fields(type(saved)) if getattr(saved, f.name) != getattr(given, f.name)
     ]
     fixed = [name for name in changed if name not in RESUMABLE]
     if fixed:

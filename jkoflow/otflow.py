@@ -1,4 +1,4 @@
-"""The monolithic OT-Flow baseline (DESIGN.md §5).
+"""The monolithic OT-Flow baseline (docs/design.md, "The OT-Flow baseline").
 
 One block over t ∈ [0, 1], trained jointly with
 
@@ -19,22 +19,27 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch import Tensor
 
 import blocks
 
-from .config import TrainingConfig, check_positive, resolve_device, resolve_dtype
-from .errors import InputError
+from .checkpoint import BlockProgress, TrainerState, data_fingerprint, load_state, save_state
+from .config import TrainingConfig, check_positive, config_from_dict, resume_config
+from .errors import InputError, TrainingError
 from .flow import Flow, as_data_tensor
+from .loop import Bar, Budget, Checkpoints, Hook, Interrupt, Records, Rollback, Step, optimize, snapshot_parts
 from .metrics import nll as flow_nll
 from .objectives import otflow_loss
+from .placement import Placement, resolve_placement
+from .trainer import _stop_on_interrupt
 
 __all__ = ["OTFLOW_PRESETS", "OTFlowConfig", "OTFlowHistory", "train_otflow"]
 
@@ -115,107 +120,310 @@ class OTFlowHistory:
         return dataclasses.asdict(self)
 
 
+class _Validation(Hook):
+    """Every ``val_every`` steps and after the last one: the validation NLL,
+    the best weights so far (a copy) and the plateau drops of the lr."""
+
+    def __init__(
+        self,
+        flow: Flow,
+        x_val: Tensor,
+        config: OTFlowConfig,
+        history: OTFlowHistory,
+        budget: Budget,
+        callback: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self.flow, self.x_val, self.config, self.history, self.budget = flow, x_val, config, history, budget
+        self.callback, self.shown = callback, None
+        self.state: dict[str, Any] = {
+            "best_nll": math.inf,
+            "best_state": None,
+            "stale": 0,
+            "drops": 0,
+            "lr": config.lr,
+            "exhausted": False,
+        }
+
+    def done(self) -> bool:
+        return self.state["exhausted"]
+
+    def after_step(self, step: Step) -> None:
+        config, state, self.shown = self.config, self.state, None
+        last = step.it + 1 == config.iters or self.budget.done()
+        if not ((step.it + 1) % config.val_every == 0 or last):
+            return
+        block = self.flow.blocks[0]
+        block.eval()
+        val_nll = flow_nll(self.flow, self.x_val, config.chunk_size)
+        record = {
+            "iter": step.it,
+            "n_batches": step.it + 1,
+            "seconds": self.budget.seconds,
+            "val_nll": val_nll,
+            "lr": step.lr,
+        }
+        self.history.validations.append(record)
+        if self.callback is not None:
+            self.callback(record)
+        self.shown = {"val_nll": f"{val_nll:.4f}", "lr": f"{step.lr:.2g}"}
+        if val_nll < state["best_nll"]:
+            state.update(best_nll=val_nll, stale=0, best_state=copy.deepcopy(block.state_dict()))
+            self.history.best = record
+        else:
+            state["stale"] += 1
+            if state["stale"] >= config.patience:
+                if state["drops"] == config.max_drops:
+                    state["exhausted"] = True
+                else:
+                    state.update(drops=state["drops"] + 1, stale=0, lr=state["lr"] * config.lr_drop)
+
+    def snapshot(self) -> tuple[dict[str, Any], int, dict[str, Any]]:
+        return copy.deepcopy(self.state), len(self.history.validations), self.history.best
+
+    def restore(self, saved: tuple[dict[str, Any], int, dict[str, Any]]) -> None:
+        self.state, n, self.history.best = copy.deepcopy(saved[0]), saved[1], saved[2]
+        del self.history.validations[n:]
+
+
+class _OTFlowObjective:
+    """J on fresh mini-batches of the (standardised) training set, at the validator's lr."""
+
+    def __init__(
+        self,
+        block: blocks.Block,
+        x: Tensor,
+        config: OTFlowConfig,
+        generator: torch.Generator,
+        validation: _Validation,
+    ) -> None:
+        self.block, self.x, self.config, self.generator, self.validation = (
+            block,
+            x,
+            config,
+            generator,
+            validation,
+        )
+
+    def lr(self, it: int, scale: float) -> float:
+        return self.validation.state["lr"] * scale
+
+    def loss(self) -> tuple[Tensor, dict[str, Tensor]]:
+        config = self.config
+        self.block.train()
+        index = torch.randint(len(self.x), (config.batch_size,), generator=self.generator).to(self.x.device)
+        terms = otflow_loss(self.block, self.x[index], config.train_steps, config.alpha_c, config.alpha_r)
+        return terms.loss, terms._asdict()
+
+
 def train_otflow(
     x_train: Any,
     x_val: Any,
     config: OTFlowConfig | None = None,
     progress: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> tuple[Flow, OTFlowHistory]:
-    """Trains one OT-Flow block over [0, 1] (DESIGN.md §5).
+    """Trains one OT-Flow block over [0, 1] (Onken et al., https://arxiv.org/abs/2006.00104)
+    on the shared loop (:func:`jkoflow.loop.optimize`).
 
     Arguments:
         x_train, x_val: Training and validation data, array-like (n, d).
-        config: An :class:`OTFlowConfig` (defaults if omitted).
+        config: An :class:`OTFlowConfig` (defaults if omitted; on resume the
+            checkpoint's, which ``config`` may change only in budgets and fault handling).
         progress: Show a progress bar.
         callback: Called with every validation record.
+        checkpoint: A file for the trainer's state, written every
+            ``config.checkpoint_every`` steps, on Ctrl-C and at the end.
+        resume: Continue from ``checkpoint`` with the same data, exactly.
 
     Returns:
         ``(flow, history)``: a one-block :class:`Flow` with the best-validation
         weights (eval steps ``config.eval_steps``) and an :class:`OTFlowHistory`.
+
+    Raises:
+        TrainingError: The loss or gradient stayed non-finite after
+            ``config.nan_retries`` rollbacks (each scales the lr by ``nan_lr_factor``).
     """
+    saved = _load(checkpoint, resume)
+    if saved is not None:
+        config = resume_config(
+            config_from_dict(OTFlowConfig, saved.config),
+            config or config_from_dict(OTFlowConfig, saved.config),
+        )
     config = config or OTFlowConfig()
-    like = torch.empty(0, dtype=resolve_dtype(config.dtype), device=resolve_device(config.device))
+    place = resolve_placement(config)
     x_train = torch.as_tensor(x_train)
     dim = x_train.shape[1] if x_train.dim() == 2 else -1
-    x_train = as_data_tensor(x_train, dim, like, "training data")
-    x_val = as_data_tensor(x_val, dim, like, "validation data")
+    x_train = as_data_tensor(x_train, dim, place.like, "training data")
+    x_val = as_data_tensor(x_val, dim, place.like, "validation data")
     if len(x_train) < config.batch_size:
         raise InputError(
             f"the training set has {len(x_train)} rows but batch_size is {config.batch_size}; "
             "lower the batch size or give more data"
         )
-    flow = Flow.for_data(x_train, config.eval_steps, config.standardize)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        block = config.make_block(dim)
-    flow.append(block.to(like))
-    x_train = flow.standardize(x_train)[0]
-    log_scale = float(flow.scale.log().sum())
+    run = _OTFlowRun(x_train, x_val, config, place, saved.flow if saved else None, checkpoint, callback)
+    if saved is not None:
+        run.restore(saved)
+    if not run.finished:
+        with _stop_on_interrupt(run.interrupt, enabled=checkpoint is not None):
+            run.train(progress)
+    return run.flow, run.history
 
-    history = OTFlowHistory(config.to_dict())
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.Adam(block.parameters(), lr=config.lr)
-    best_nll, best_state, stale, drops = math.inf, None, 0, 0
-    history.stopped_by = "iters"
-    elapsed = 0.0
-    bar = tqdm(range(config.iters), desc="OT-Flow", disable=not progress, dynamic_ncols=True)
-    for it in bar:
-        start = time.perf_counter()
-        block.train()
-        index = torch.randint(len(x_train), (config.batch_size,), generator=generator).to(x_train.device)
-        terms = otflow_loss(block, x_train[index], config.train_steps, config.alpha_c, config.alpha_r)
-        loss = float(terms.loss.detach())
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"OT-Flow: the loss became {loss} at iteration {it}; try a lower lr")
-        optimizer.zero_grad(set_to_none=True)
-        terms.loss.backward()
-        optimizer.step()
-        elapsed += time.perf_counter() - start
-        history.iterations.append(
-            {
-                "iter": it,
-                "loss": loss,
-                "nll": float(terms.nll.detach()) + log_scale,
-                "transport": float(terms.transport.detach()),
-                "hjb": float(terms.hjb.detach()),
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": elapsed,
-            }
+
+def _load(checkpoint: str | os.PathLike | None, resume: bool) -> TrainerState | None:
+    if not resume:
+        return None
+    if checkpoint is None:
+        raise InputError("resume needs the checkpoint file to continue from")
+    return load_state(checkpoint, trainer="otflow")
+
+
+class _OTFlowRun:
+    """One OT-Flow run: its block, optimiser, generator, history and the loop's pieces."""
+
+    def __init__(
+        self,
+        x_train: Tensor,
+        x_val: Tensor,
+        config: OTFlowConfig,
+        place: Placement,
+        flow: Flow | None,
+        checkpoint: str | os.PathLike | None,
+        callback: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        if flow is None:
+            flow = Flow.for_data(x_train, config.eval_steps, config.standardize)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                block = config.make_block(x_train.shape[1])
+            flow.append(block.to(place.like))
+        self.flow = flow.to(place.like)
+        self.block = self.flow.blocks[0].requires_grad_(True)
+        self.data = {"train": data_fingerprint(x_train), "val": data_fingerprint(x_val)}
+        self.x_train = self.flow.standardize(x_train)[0]
+        self.config, self.checkpoint, self.place = config, checkpoint, place
+        self.history = OTFlowHistory(config.to_dict())
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.optimizer = torch.optim.Adam(self.block.parameters(), lr=config.lr)
+        self.progress = BlockProgress(0)
+        self.budget = Budget(0, config.max_seconds)
+        self.interrupt = Interrupt(place.group)
+        self.validation = _Validation(self.flow, x_val, config, self.history, self.budget, callback)
+        self.finished = False
+
+    def _rollback(self) -> Rollback:
+        """Back to the last snapshot after a non-finite step, with a lower lr;
+        TrainingError once ``nan_retries`` are spent."""
+        progress = self.progress
+
+        def give_up(fault: str, it: int) -> NoReturn:
+            self.save()
+            raise TrainingError(
+                f"OT-Flow: the {fault} was not finite at step {it} after {progress.retries} retries "
+                f"(lr scaled by {progress.lr_scale:.3g}); try a lower lr",
+                block_index=0,
+            )
+
+        def report(fault: str, it: int) -> None:
+            warnings.warn(
+                f"OT-Flow: non-finite {fault} at step {it}; rolled back to step {progress.iter} "
+                f"with the lr scaled by {progress.lr_scale:.3g}",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+
+        parts = snapshot_parts(
+            self.block,
+            self.optimizer,
+            self.generator,
+            self.history.iterations,
+            progress,
+            self.budget,
+            self.validation,
         )
-        last = it + 1 == config.iters or (config.max_seconds > 0 and elapsed >= config.max_seconds)
-        if (it + 1) % config.val_every == 0 or last:
-            block.eval()
-            val_nll = flow_nll(flow, x_val, config.chunk_size)
-            record = {
-                "iter": it,
-                "n_batches": it + 1,
-                "seconds": elapsed,
-                "val_nll": val_nll,
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            history.validations.append(record)
-            if callback is not None:
-                callback(record)
-            bar.set_postfix(val_nll=f"{val_nll:.4f}", lr=f"{record['lr']:.2g}")
-            if val_nll < best_nll:
-                best_nll, stale, history.best = val_nll, 0, record
-                best_state = copy.deepcopy(block.state_dict())  # a real copy, not a view
-            else:
-                stale += 1
-                if stale >= config.patience:
-                    if drops == config.max_drops:
-                        history.stopped_by = "lr_drops"
-                        break
-                    drops, stale = drops + 1, 0
-                    for group in optimizer.param_groups:
-                        group["lr"] *= config.lr_drop
-        if config.max_seconds > 0 and elapsed >= config.max_seconds:
-            history.stopped_by = "max_seconds"
-            break
-    bar.close()
-    if best_state is not None:
-        block.load_state_dict(best_state)
-    block.requires_grad_(False)
-    flow.eval()
-    return flow, history
+        return Rollback(progress, parts, self.config.nan_retries, self.config.nan_lr_factor, give_up, report)
+
+    def _record(self, step: Step) -> dict[str, Any]:
+        """The per-step record: ``iter``, ``loss``, ``nll`` (of the data, nats),
+        ``transport``, ``hjb``, ``lr``, ``seconds``."""
+        t, log_scale = step.terms, float(self.flow.scale.log().sum())
+        return {
+            "iter": step.it,
+            "loss": t["loss"],
+            "nll": t["nll"] + log_scale,
+            "transport": t["transport"],
+            "hjb": t["hjb"],
+            "lr": step.lr,
+            "seconds": self.progress.seconds,
+        }
+
+    def train(self, show: bool) -> None:
+        """Runs the loop until ``iters``, the time budget or the last lr drop, then keeps the best weights."""
+        config, history = self.config, self.history
+        rollback = self._rollback()
+        rollback.snapshot()
+        hooks = [
+            self.interrupt,
+            self.budget,
+            Records(history.iterations, self._record),
+            self.validation,
+            Bar(self.progress, config.iters, "OT-Flow", show, lambda step: self.validation.shown),
+            Checkpoints(self.progress, config.iters, config.checkpoint_every, rollback, self.save),
+        ]
+        objective = _OTFlowObjective(self.block, self.x_train, config, self.generator, self.validation)
+        optimize(objective, self.optimizer, self.progress, config.iters, rollback, hooks)
+        history.stopped_by = (
+            "lr_drops" if self.validation.done() else "max_seconds" if self.budget.done() else "iters"
+        )
+        if self.validation.state["best_state"] is not None:
+            self.block.load_state_dict(self.validation.state["best_state"])
+        self.block.requires_grad_(False)
+        self.flow.eval()
+        self.finished = True
+        self.save()
+
+    def save(self) -> None:
+        if self.checkpoint is None:
+            return
+        self.progress.optimizer = self.optimizer.state_dict()
+        state = TrainerState(
+            config=self.config.to_dict(),
+            history=self.history.to_dict(),
+            flow=self.flow,
+            parents=None,
+            first=0,
+            batches=self.budget.batches,
+            seconds=self.budget.seconds,
+            finished=self.finished,
+            data=self.data,
+            block=self.progress,
+            generator=self.generator.get_state(),
+            torch_rng=torch.get_rng_state(),
+            trainer="otflow",
+            extra=self.validation.state,
+        )
+        save_state(state, self.checkpoint)
+        self.progress.optimizer = None
+
+    def restore(self, state: TrainerState) -> None:
+        for name, found in self.data.items():
+            if name not in state.data or not np.allclose(found, state.data[name], rtol=1e-9):
+                raise InputError(f"the {name} data differ from those the checkpoint was trained on")
+        saved = state.history
+        self.history.iterations[:] = saved["iterations"]
+        self.history.validations[:] = saved["validations"]
+        self.history.best, self.history.stopped_by = saved["best"], saved["stopped_by"]
+        assert state.block is not None
+        self.progress = state.block
+        if self.progress.optimizer is not None:
+            self.optimizer.load_state_dict(self.progress.optimizer)
+        self.progress.optimizer = None
+        self.budget.batches, self.budget.seconds = state.batches, state.seconds
+        self.validation.state = dict(state.extra)
+        self.generator.set_state(state.generator)
+        torch.set_rng_state(state.torch_rng)
+        self.finished = state.finished
+        if self.finished:
+            self.block.requires_grad_(False)
+            self.flow.eval()

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 from .figures import plot_corner, plot_density, plot_pushforward, plot_trajectories, write_flow_figures
+from .records import JKOHistory
 
 __all__ = [
     "plot_comparison",
@@ -35,20 +36,20 @@ def plot_w2_per_block(history: dict[str, Any], path: str | os.PathLike) -> None:
     stage (initial pass, reparametrisation iterations, refinements), Ter(k), and
     the NLL: after each block for a single stage, after each stage otherwise.
 
-    ``history`` is ``JKOHistory.to_dict()``."""
-    stages = history["stages"]
+    ``history`` is ``JKOHistory.to_dict()`` (or an older one with ``w2`` records)."""
+    stages = JKOHistory.from_dict(history).stages
     fig = _figure(figsize=(14, 4))
     axes = fig.subplots(1, 3)
     if len(stages) == 1:
         records = stages[0]["blocks"]
         k = np.arange(1, len(records) + 1)
-        axes[0].bar(k, [r["w2"] for r in records], color="tab:blue")
+        axes[0].bar(k, [r.movement for r in records], color="tab:blue")
         for x, r in zip(k, records, strict=True):
-            axes[0].annotate(f"h={r['h']:.2g}", (x, r["w2"]), ha="center", va="bottom", fontsize=8)
+            axes[0].annotate(f"h={r['h']:.2g}", (x, r.movement), ha="center", va="bottom", fontsize=8)
         axes[0].set_xticks(k)
     else:
         for stage, colour in zip(stages, _colours(len(stages)), strict=True):
-            w2 = [r["w2"] for r in stage["blocks"]]
+            w2 = [r.movement for r in stage.blocks]
             label = f"{stage['name']} (spread {stage['spread']:.2f})"
             axes[0].plot(np.arange(1, len(w2) + 1), w2, "o-", color=colour, label=label, ms=4)
         axes[0].legend(fontsize=7)
@@ -89,7 +90,7 @@ def plot_w2_per_block(history: dict[str, Any], path: str | os.PathLike) -> None:
 
 def plot_h_per_block(history: dict[str, Any], path: str | os.PathLike) -> None:
     """Step size h_k per block for every stage (log scale)."""
-    stages = history["stages"]
+    stages = JKOHistory.from_dict(history).stages
     fig = _figure(figsize=(6, 4))
     ax = fig.subplots()
     for stage, colour in zip(stages, _colours(len(stages)), strict=True):

@@ -41,8 +41,9 @@ from .metrics import STEP_CHECK_ROWS, data_kl, inversion_error, nll, parameter_c
 from .otflow import OTFlowConfig, train_otflow
 from .plots import plot_h_per_block, plot_samples, plot_validation_curve, plot_w2_per_block
 from .preflight import Resume, check_resume, check_training
+from .records import JKOHistory
 from .rundir import RunDir, check_out_path
-from .scheduler import JKOHistory, train_jko
+from .trainer import train_jko
 
 __all__ = [
     "IterationLog",
@@ -275,7 +276,7 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
                 key: b[key]
                 for key in (
                     "h",
-                    "w2",
+                    "movement",
                     "ter",
                     "n_batches",
                     "seconds",
@@ -292,7 +293,7 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
                 **{key: s[key] for key in STAGE_KEYS if key in s},
                 "n_blocks": len(s["blocks"]),
                 "h": [b["h"] for b in s["blocks"]],
-                "w2": [b["w2"] for b in s["blocks"]],
+                "movement": [b.movement for b in s.blocks],
             }
             for s in history.stages
         ],
@@ -493,12 +494,16 @@ def _train_in(
                 resume=resume,
             )
         except TrainingError as error:
-            state = load_state(files.trainer)
-            state.flow.head(error.block_index).save(run.claim(files.partial_flow.name))
-            raise TrainingError(
-                f"{error}; saved them to {files.partial_flow} (continue with --resume and a lower --lr)",
-                error.block_index,
-            ) from None
+            raise _saved_partial(files, run, error) from None
+
+
+def _saved_partial(files: RunFiles, run: RunDir, error: TrainingError) -> TrainingError:
+    """Writes the blocks finished before a failed one to ``flow-partial.pt``; the error to raise."""
+    load_state(files.trainer).flow.head(error.block_index).save(run.claim(files.partial_flow.name))
+    return TrainingError(
+        f"{error}; saved them to {files.partial_flow} (continue with --resume and a lower --lr)",
+        error.block_index,
+    )
 
 
 def _follow_jko(

@@ -52,6 +52,7 @@ def read_payload(
     version: int,
     what: str,
     map_location: str | torch.device = "cpu",
+    oldest: int | None = None,
 ) -> dict[str, Any]:
     """Reads a file written by :func:`write_payload` and checks its format.
 
@@ -61,6 +62,7 @@ def read_payload(
         version: The format version this library reads.
         what: What the file is, for messages (``"flow checkpoint"``).
         map_location: Where tensors are loaded.
+        oldest: The oldest format version still read (default: ``version`` only).
 
     Raises:
         InputError: The file is missing, unreadable, truncated, of another
@@ -78,7 +80,8 @@ def read_payload(
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise InputError(f"{path} is not a jkoflow {what}")
     found = payload.get("version")
-    if found != version:
+    oldest = version if oldest is None else oldest
+    if not (isinstance(found, int) and oldest <= found <= version):
         newer = isinstance(found, int) and found > version
         hint = "; upgrade jkoflow to read it" if newer else ""
         raise InputError(

@@ -378,7 +378,7 @@ CASES = [
         "otflow-divergence",
         ["otflow", *NEW_OT, "--lr", "10000"],
         1,
-        "jkoflow: training failed: OT-Flow: the loss became nan",
+        "jkoflow: training failed: OT-Flow: the loss was not finite at step 1 after 3 retries",
         creates=True,
     ),
     # --- compare --------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_train_writes_the_run_directory(run_dir):
     assert 2.0 < summary["test_nll"] < 6.0 and summary["inversion_error"] < 1e-3
     assert summary["train_seconds"] > 0
     for block in summary["blocks"]:
-        assert set(block) >= {"h", "w2", "ter", "n_batches", "seconds"}
+        assert set(block) >= {"h", "movement", "ter", "n_batches", "seconds"}
     config = json.loads((run_dir / "config.json").read_text())
     assert config["data"]["name"] == "8gaussians" and config["train"]["width"] == 8
     assert config["versions"]["torch"] and config["threads"] == 1

@@ -193,8 +193,8 @@ def _assert_same_run(ranks: list[dict], single) -> None:
             torch.testing.assert_close(got["flow"][key], state[key], rtol=1e-8, atol=1e-10)
         final = got["history"]["stages"][-1]
         assert final["test_nll"] == pytest.approx(history.stages[-1]["test_nll"], rel=1e-9)
-        assert [b["w2"] for b in final["blocks"]] == pytest.approx(
-            [b["w2"] for b in history.blocks], rel=1e-8
+        assert [b["movement"] for b in final["blocks"]] == pytest.approx(
+            [b.movement for b in history.blocks], rel=1e-8
         )
 
 
@@ -351,7 +351,8 @@ def test_host_cache_gives_the_same_numbers(data):
     flow_b, history_b = train_jko(*data, config=dataclasses.replace(config, cache_device="host"))
     assert [r["loss"] for r in history_a.iterations] == [r["loss"] for r in history_b.iterations]
     timeless = [
-        [{k: v for k, v in b.items() if k != "seconds"} for b in h.blocks] for h in (history_a, history_b)
+        [{k: v for k, v in b.to_dict().items() if k != "seconds"} for b in h.blocks]
+        for h in (history_a, history_b)
     ]
     assert timeless[0] == timeless[1]
     for key, value in flow_a.state_dict().items():

@@ -178,3 +178,72 @@ def test_cli_bad_input(tmp_path, capsys, args, match):
     assert main([*args, "--out", str(tmp_path / "r"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err
+
+
+# -- the shared loop: rollback and resume ------------------------------------------
+
+
+def _faulty_otflow(monkeypatch, bad_calls):
+    """otflow_loss with a NaN loss at the (1-based) calls in ``bad_calls``."""
+    import jkoflow.otflow
+
+    real, calls = jkoflow.otflow.otflow_loss, []
+
+    def loss(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        calls.append(1)
+        if bad_calls(len(calls)):
+            return terms._replace(loss=terms.loss * float("nan"))
+        return terms
+
+    monkeypatch.setattr(jkoflow.otflow, "otflow_loss", loss)
+
+
+def test_otflow_rolls_back_a_non_finite_loss_with_a_lower_lr(data, monkeypatch):
+    train, val, _ = data
+    config = OTFlowConfig(**TINY, seed=2, checkpoint_every=20)
+    _faulty_otflow(monkeypatch, lambda call: call == 26)  # step 25: back to the snapshot at step 20
+    with pytest.warns(RuntimeWarning, match="non-finite loss at step 25; rolled back to step 20"):
+        _, history = train_otflow(train, val, config=config)
+    assert [r["iter"] for r in history.iterations] == list(range(60))
+    lrs = [r["lr"] for r in history.iterations]
+    assert lrs[19] == config.lr and lrs[20] == config.lr * config.nan_lr_factor == lrs[-1]
+    assert math.isfinite(history.validations[-1]["val_nll"]) and len(history.validations) == 6
+
+
+def test_otflow_raises_training_error_once_the_retries_are_spent(data, monkeypatch):
+    from jkoflow.errors import TrainingError
+
+    train, val, _ = data
+    _faulty_otflow(monkeypatch, lambda call: call > 5)
+    with (
+        pytest.warns(RuntimeWarning, match="retry|rolled back"),
+        pytest.raises(TrainingError, match="OT-Flow"),
+    ):
+        train_otflow(train, val, config=OTFlowConfig(**TINY, nan_retries=2))
+
+
+def test_otflow_resumes_exactly_after_a_kill(data, tmp_path):
+    train, val, _ = data
+    options = {**TINY, "val_every": 5, "lr": 0.5, "seed": 3, "patience": 1, "max_drops": 1}
+    config = OTFlowConfig(**options, checkpoint_every=10)
+    whole, history = train_otflow(train, val, config=config)
+    assert history.stopped_by == "lr_drops" and history.validations[3]["lr"] == 0.25  # a drop, then the stop
+    path = tmp_path / "otflow.pt"
+
+    def kill(record):
+        if record["iter"] == 24:  # after the drop at step 14; the checkpoint holds step 20
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train_otflow(train, val, config=config, checkpoint=path, callback=kill)
+    resumed, again = train_otflow(train, val, config=config, checkpoint=path, resume=True)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True)
+    )
+    assert [r["loss"] for r in again.iterations] == [r["loss"] for r in history.iterations]
+    assert [r["lr"] for r in again.validations] == [r["lr"] for r in history.validations]
+    assert again.best["iter"] == history.best["iter"] and again.stopped_by == history.stopped_by
+    with pytest.raises(InputError, match="not a 'jko' one"):
+        train_jko(train, val, checkpoint=path, resume=True)

@@ -44,7 +44,7 @@ def test_schedule_and_records(trained):
     assert history.n_batches == 90 and len(history.iterations) == 90
     assert [r["block"] for r in history.iterations[::30]] == [0, 1, 2]
     for record in history.blocks:
-        assert record["w2"] > 0 and record["ter"] > 0 and record["seconds"] > 0
+        assert record.movement > 0 and record["ter"] > 0 and record["seconds"] > 0
     # the lr decays by the cosine schedule within each block
     lrs = [r["lr"] for r in history.iterations[:30]]
     assert lrs[0] == pytest.approx(0.03) and lrs[-1] < 0.01
@@ -62,7 +62,7 @@ def test_pushed_statistics_match_the_flow(trained, data):
             x = jkoflow.integrate(block, x, flow.steps).z
         moved = jkoflow.integrate(flow.blocks[-1], x, flow.steps).z
     w_last = float((moved - x).pow(2).sum(1).mean().sqrt())
-    assert w_last == pytest.approx(history.blocks[-1]["w2"], rel=1e-4)
+    assert w_last == pytest.approx(history.blocks[-1].movement, rel=1e-4)
 
 
 def test_each_block_records_its_step_doubling_change(trained, data):

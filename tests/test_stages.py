@@ -107,7 +107,7 @@ def test_stages_run_in_order_and_are_recorded(staged, data):
     assert seen == [("initial", 2), ("reparam 1", 2), ("reparam 2", 2), ("refine 1", 4)]
     initial, reparam1, reparam2, refine = history.stages
     expected_h = reparametrize(
-        [b["h"] for b in initial["blocks"]], [b["w2"] for b in initial["blocks"]], 0.5, 0.05, 20
+        [b["h"] for b in initial["blocks"]], [b.movement for b in initial["blocks"]], 0.5, 0.05, 20
     )
     assert [b["h"] for b in reparam1["blocks"]] == pytest.approx(expected_h)
     assert [b["h"] for b in refine["blocks"]] == pytest.approx(
@@ -119,7 +119,7 @@ def test_stages_run_in_order_and_are_recorded(staged, data):
     assert {r["stage"] for r in history.iterations} == {0, 1, 2, 3}
     assert all(isinstance(b, blocks.TimeSlice) for b in flow.blocks)
     for stage in history.stages:
-        assert stage["spread"] == pytest.approx(movement_spread([b["w2"] for b in stage["blocks"]]))
+        assert stage["spread"] == pytest.approx(movement_spread([b.movement for b in stage["blocks"]]))
     assert history.blocks == refine["blocks"]
     assert nll(flow, data[2]) == pytest.approx(refine["test_nll"], abs=1e-5)
 
@@ -234,7 +234,7 @@ def test_reparam_rule_reaches_the_trainer(data):
     )
     _, history = train_jko(*data, config=config)
     initial, reparam = history.stages
-    h, w2 = [b["h"] for b in initial["blocks"]], [b["w2"] for b in initial["blocks"]]
+    h, w2 = [b["h"] for b in initial["blocks"]], [b.movement for b in initial["blocks"]]
     expected = reparametrize(h, w2, 0.5, 0.05, 20, rule="arclength")
     assert [b["h"] for b in reparam["blocks"]] == pytest.approx(expected, rel=1e-12)
     assert reparam["h_plan"] == pytest.approx(expected, rel=1e-12)

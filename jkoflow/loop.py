@@ -1,0 +1,341 @@
+"""The one optimisation loop that the JKO blocks and the OT-Flow baseline run on.
+
+:func:`optimize` takes Adam steps on an :class:`Objective` (learning-rate
+schedule and mini-batch loss) until the step count is reached or a hook says
+stop. Everything else is a piece passed in: a :class:`Rollback` that restores
+the last good state after a non-finite loss or gradient (with the learning
+rate scaled by ``lr_factor``, at most ``retries`` times), and :class:`Hook`
+objects for the interrupt vote, budgets, per-step records, the progress bar,
+validation and checkpoints (docs/design.md, "The scheduler and its stages").
+
+References: Xu, Cheng, Xie, JKO-iFlow, https://arxiv.org/abs/2212.14424;
+Onken et al., OT-Flow, https://arxiv.org/abs/2006.00104.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import distributed
+from .checkpoint import BlockProgress
+
+__all__ = [
+    "Bar",
+    "Budget",
+    "Checkpoints",
+    "Hook",
+    "Interrupt",
+    "Objective",
+    "Records",
+    "Rollback",
+    "Step",
+    "optimize",
+    "snapshot_parts",
+]
+
+
+@dataclass
+class Step:
+    """One finished Adam step: its index, learning rate, loss terms (floats,
+    ``terms["loss"]`` the optimised one), seconds and whether to stop after it."""
+
+    it: int
+    lr: float
+    terms: dict[str, float]
+    seconds: float
+    stop: bool = False
+
+
+class Objective(Protocol):
+    """What :func:`optimize` minimises."""
+
+    def lr(self, it: int, scale: float) -> float:
+        """The learning rate of step ``it``, times the rollback ``scale``."""
+
+    def loss(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """A fresh mini-batch's (tensor to backpropagate, loss terms with ``"loss"``)."""
+
+
+class Hook:
+    """A piece around the loop; every method is a no-op unless overridden."""
+
+    def done(self) -> bool:
+        """Whether to stop before the next step."""
+        return False
+
+    def measure(self, step: Step) -> None:
+        """Called first after a step, before the progress counts it (may change
+        ``step.seconds`` and ``step.stop``)."""
+
+    def after_step(self, step: Step) -> None:
+        """Called after the progress counted the step."""
+
+    def after_rollback(self) -> None:
+        """Called after a rollback."""
+
+    def close(self) -> None:
+        """Called once the loop ends normally."""
+
+
+class Stateful(Protocol):
+    def snapshot(self) -> Any: ...
+    def restore(self, state: Any) -> None: ...
+
+
+def optimize(
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    progress: BlockProgress,
+    iters: int,
+    rollback: Rollback,
+    hooks: Sequence[Hook],
+) -> None:
+    """Adam steps on ``objective`` until ``progress.iter`` reaches ``iters`` or a
+    hook is done; a non-finite loss or gradient is handed to ``rollback``."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    while progress.iter < iters and not any(hook.done() for hook in hooks):
+        it, tick = progress.iter, time.perf_counter()
+        lr = objective.lr(it, progress.lr_scale)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        target, terms = objective.loss()
+        optimizer.zero_grad(set_to_none=True)
+        fault = "loss" if not torch.isfinite(terms["loss"]) else None
+        if fault is None:
+            target.backward()
+            if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+                fault = "gradient"
+        if fault is not None:
+            rollback.recover(fault, it)
+            for hook in hooks:
+                hook.after_rollback()
+            continue
+        optimizer.step()
+        loss = float(terms["loss"].detach())
+        step = Step(it, lr, {"loss": loss}, time.perf_counter() - tick)
+        for hook in hooks:
+            hook.measure(step)
+        step.terms.update({name: float(t.detach()) for name, t in terms.items() if name != "loss"})
+        progress.count(loss, step.seconds)
+        for hook in hooks:
+            hook.after_step(step)
+    for hook in hooks:
+        hook.close()
+
+
+# -- rollback -------------------------------------------------------------------
+
+
+class _Module:
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def snapshot(self) -> dict[str, Any]:
+        return copy.deepcopy(self.module.state_dict())
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state)
+
+
+class _Optimizer:
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def snapshot(self) -> dict[str, Any]:
+        return copy.deepcopy(self.optimizer.state_dict())
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(copy.deepcopy(state))
+
+
+class _Length:
+    """A list that a rollback truncates to its length at the snapshot."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def snapshot(self) -> int:
+        return len(self.items)
+
+    def restore(self, state: int) -> None:
+        del self.items[state:]
+
+
+class _Generator:
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def snapshot(self) -> Tensor:
+        return self.generator.get_state()
+
+    def restore(self, state: Tensor) -> None:
+        self.generator.set_state(state)
+
+
+def snapshot_parts(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    records: list[Any],
+    *others: Stateful,
+) -> list[Stateful]:
+    """The usual state a rollback restores: weights, Adam state, the mini-batch
+    generator, the per-step records, and ``others`` (progress, budget, …)."""
+    return [_Module(module), _Optimizer(optimizer), *others, _Length(records), _Generator(generator)]
+
+
+@dataclass
+class Rollback:
+    """Restores ``parts`` to their last :meth:`snapshot` after a non-finite
+    loss or gradient, then multiplies ``progress.lr_scale`` by ``lr_factor``
+    and counts a retry; ``give_up(fault, it)`` raises once ``retries`` are
+    spent, ``report(fault, it)`` is told of every retry."""
+
+    progress: BlockProgress
+    parts: list[Stateful]
+    retries: int
+    lr_factor: float
+    give_up: Callable[[str, int], NoReturn]
+    report: Callable[[str, int], None]
+    good: list[Any] = field(default_factory=list)
+
+    def snapshot(self) -> None:
+        self.good = [part.snapshot() for part in self.parts]
+
+    def recover(self, fault: str, it: int) -> None:
+        for part, state in zip(self.parts, self.good, strict=True):
+            part.restore(state)
+        if self.progress.retries >= self.retries:
+            self.give_up(fault, it)
+        self.progress.retries += 1
+        self.progress.lr_scale *= self.lr_factor
+        self.report(fault, it)
+
+
+# -- hooks ----------------------------------------------------------------------
+
+
+@dataclass
+class Budget(Hook):
+    """Stops once ``max_batches`` steps or ``max_seconds`` seconds (0: no limit)
+    are spent, counted over every loop this object is passed to."""
+
+    max_batches: int = 0
+    max_seconds: float = 0.0
+    batches: int = 0
+    seconds: float = 0.0
+
+    def done(self) -> bool:
+        return (self.max_batches > 0 and self.batches >= self.max_batches) or (
+            self.max_seconds > 0 and self.seconds >= self.max_seconds
+        )
+
+    def after_step(self, step: Step) -> None:
+        self.batches += 1
+        self.seconds += step.seconds
+
+    def snapshot(self) -> tuple[int, float]:
+        return self.batches, self.seconds
+
+    def restore(self, state: tuple[int, float]) -> None:
+        self.batches, self.seconds = state
+
+
+class Interrupt(Hook):
+    """The Ctrl-C vote: after every step the ranks agree on the step's time and
+    on whether any of them was asked to stop (``interrupted``, set by a signal
+    handler); a stop then reaches every rank after the same step."""
+
+    def __init__(self, group: distributed.Group) -> None:
+        self.group = group
+        self.interrupted = False
+
+    def measure(self, step: Step) -> None:
+        step.seconds, stop = self.group.agree(step.seconds, self.interrupted)
+        self.interrupted = self.interrupted or stop
+        step.stop = stop
+
+
+@dataclass
+class Records(Hook):
+    """Appends ``make(step)`` to ``records`` after every step and passes it to ``callback``."""
+
+    records: list[dict[str, Any]]
+    make: Callable[[Step], dict[str, Any]]
+    callback: Callable[[dict[str, Any]], None] | None = None
+
+    def after_step(self, step: Step) -> None:
+        record = self.make(step)
+        self.records.append(record)
+        if self.callback is not None:
+            self.callback(record)
+
+
+class Bar(Hook):
+    """A tqdm progress bar over the steps; ``postfix(step)`` may return the
+    bar's postfix dict for a step."""
+
+    def __init__(
+        self,
+        progress: BlockProgress,
+        iters: int,
+        desc: str,
+        enabled: bool,
+        postfix: Callable[[Step], dict[str, str] | None],
+        leave: bool = True,
+    ) -> None:
+        self.progress, self.iters, self.postfix = progress, iters, postfix
+        self.bar = tqdm(
+            total=iters,
+            initial=progress.iter,
+            desc=desc,
+            disable=not enabled,
+            leave=leave,
+            dynamic_ncols=True,
+        )
+
+    def after_step(self, step: Step) -> None:
+        self.bar.update()
+        shown = self.postfix(step)
+        if shown:
+            self.bar.set_postfix(shown)
+
+    def after_rollback(self) -> None:
+        self.bar.reset(total=self.iters)
+        self.bar.update(self.progress.iter)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Checkpoints(Hook):
+    """Every ``every`` steps (0: never) inside the loop, and after a step the
+    ranks agreed to stop at, takes a rollback snapshot and calls ``save``; a
+    stop then raises KeyboardInterrupt."""
+
+    def __init__(
+        self, progress: BlockProgress, iters: int, every: int, rollback: Rollback, save: Callable[[], None]
+    ) -> None:
+        self.progress, self.iters, self.every, self.rollback, self.save = (
+            progress,
+            iters,
+            every,
+            rollback,
+            save,
+        )
+
+    def after_step(self, step: Step) -> None:
+        done = self.progress.iter
+        if step.stop or (self.every and done % self.every == 0 and done < self.iters):
+            self.rollback.snapshot()
+            self.save()
+            if step.stop:
+                raise KeyboardInterrupt

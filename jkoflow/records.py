@@ -1,0 +1,228 @@
+"""Typed records of a JKO run: one per trained block, one per stage, and the
+run's history (docs/design.md, "The scheduler and its stages").
+
+A block's *movement* is W_k = sqrt(E‖T_k(x) − x‖²) over the validation samples
+of p_{k−1}: the root-mean-square displacement of block k, an upper bound on
+the exact Wasserstein-2 distance W2(p_{k−1}, p_k) that :mod:`jkoflow.metrics`
+computes. Files written before this module called it ``w2``; the readers
+(:meth:`BlockRecord.from_dict`) still accept that key.
+
+Records read like the dicts they replaced (``record["h"] == record.h``), so
+scripts written against the dict records keep working.
+
+Reference: Xu, Cheng, Xie, "Normalizing flow neural networks by JKO scheme"
+(JKO-iFlow), NeurIPS 2023, https://arxiv.org/abs/2212.14424.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BlockRecord", "JKOHistory", "StageRecord", "movement_spread"]
+
+
+class _Readable:
+    """``record[name]`` and ``record.get(name)`` for the dataclass fields."""
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.__dataclass_fields__:  # type: ignore[attr-defined]
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.__dataclass_fields__ and getattr(self, name) is not None  # type: ignore[attr-defined]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name) if name in self else default
+
+
+def _compact(record: Any, optional: tuple[str, ...]) -> dict[str, Any]:
+    """The record's fields as a dict, without the ``optional`` ones left at None."""
+    fields = (f.name for f in dataclasses.fields(record))
+    return {
+        name: getattr(record, name)
+        for name in fields
+        if name not in optional or getattr(record, name) is not None
+    }
+
+
+def movement_spread(movements: list[float]) -> float:
+    """max_k |S_k − S̄| / S̄ for the per-block movements S_k = W_k.
+
+    >>> movement_spread([1.0, 2.0, 3.0])
+    0.5
+    """
+    s = np.asarray(movements, dtype=float)
+    return float(np.abs(s - s.mean()).max() / s.mean())
+
+
+@dataclass
+class BlockRecord(_Readable):
+    """One trained block, measured on the pushed validation (and test) sets.
+
+    Attributes:
+        index: The block's index k in the flow (0-based).
+        h: Its step size h_k; None for a block trained without the W2 term.
+        movement: W_k = sqrt(E‖T_k(x) − x‖²) on the validation samples.
+        ter: Ter(k) = E‖T_k(x) − x‖² / E‖T_k(x)‖².
+        val_nll: Validation NLL (nats) of the flow up to and including block k.
+        n_batches: Adam steps spent on the block in this stage.
+        seconds: Seconds spent on it (optimisation and pushes).
+        loss_first, loss_last: The first and last training loss (None: no step).
+        retries: Rollbacks after non-finite losses or gradients.
+        step_doubling_change: Validation NLL with the block at 2·steps RK4
+            steps minus that at steps (its integration error).
+        test_nll: Test NLL, when a test set was given.
+        parent, slice: For a time slice of a refinement stage, the index of
+            the block it was cut from (among the trained ones) and which slice.
+    """
+
+    index: int
+    h: float | None
+    movement: float
+    ter: float
+    val_nll: float
+    n_batches: int
+    seconds: float
+    loss_first: float | None
+    loss_last: float | None
+    retries: int
+    step_doubling_change: float = 0.0
+    test_nll: float | None = None
+    parent: int | None = None
+    slice: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (``test_nll``, ``parent``, ``slice`` only when set)."""
+        return _compact(self, ("test_nll", "parent", "slice"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BlockRecord:
+        """Reads :meth:`to_dict` output, and old records that call the movement ``w2``."""
+        data = dict(data)
+        if "movement" not in data and "w2" in data:
+            data["movement"] = data.pop("w2")
+        return cls(**data)
+
+
+@dataclass
+class StageRecord(_Readable):
+    """One stage of the scheme (:mod:`jkoflow.stages`).
+
+    Attributes:
+        name: Unique name, ``"initial"``, ``"reparam 1"``, ``"refine 2"``, ``"extend 1"``, ….
+        kind: The stage kind, a key of :data:`jkoflow.stages.STAGES`.
+        blocks: The records of the blocks this stage trained, in order.
+        complete: Whether the stage has ended.
+        h_plan: The planned h per block (stages that plan all their blocks up front).
+        factor: The slice count c of a refinement stage.
+        rule: The reparametrisation rule, when not the config's.
+        spread: max_k |W_k − W̄|/W̄ over ``blocks``.
+        val_nll, test_nll: The NLL after the stage's last block.
+        n_batches, seconds: Spent by the stage.
+    """
+
+    name: str
+    kind: str
+    blocks: list[BlockRecord] = field(default_factory=list)
+    complete: bool = False
+    h_plan: list[float | None] | None = None
+    factor: int | None = None
+    rule: str | None = None
+    spread: float | None = None
+    val_nll: float | None = None
+    test_nll: float | None = None
+    n_batches: int = 0
+    seconds: float = 0.0
+
+    def close(self) -> None:
+        """Fills in the totals from the block records and marks the stage complete."""
+        records = self.blocks
+        self.spread = movement_spread([b.movement for b in records]) if records else 0.0
+        self.n_batches = sum(b.n_batches for b in records)
+        self.seconds = sum(b.seconds for b in records)
+        if records:
+            self.val_nll, self.test_nll = records[-1].val_nll, records[-1].test_nll
+        self.complete = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (the optional fields only when set)."""
+        optional = ("h_plan", "factor", "rule", "spread", "val_nll", "test_nll")
+        return {**_compact(self, optional), "blocks": [b.to_dict() for b in self.blocks]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageRecord:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        known = {key: value for key, value in data.items() if key in fields}
+        known["blocks"] = [BlockRecord.from_dict(b) for b in data.get("blocks", [])]
+        return cls(**known)
+
+
+@dataclass
+class JKOHistory:
+    """What a JKO run did, JSON-able via :meth:`to_dict`.
+
+    Attributes:
+        config: The :class:`~jkoflow.JKOConfig` as a dict.
+        stages: One :class:`StageRecord` per stage, in order.
+        iterations: One dict per optimisation step: ``stage``, ``block``,
+            ``iter``, ``loss``, ``kl``, ``transport``, ``lr``, ``seconds``.
+        stopped_by: How the last growing stage ended: ``"ter"``,
+            ``"max_blocks"`` or ``"budget"``.
+        faults: One dict per non-finite loss or gradient: ``stage``, ``block``,
+            ``iter``, ``fault``, ``resumed_at``, ``lr_scale``.
+    """
+
+    config: dict[str, Any]
+    stages: list[StageRecord] = field(default_factory=list)
+    iterations: list[dict[str, Any]] = field(default_factory=list)
+    stopped_by: str = ""
+    faults: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def blocks(self) -> list[BlockRecord]:
+        """Per-block records of the final flow (the last stage)."""
+        return self.stages[-1].blocks if self.stages else []
+
+    @property
+    def n_batches(self) -> int:
+        return sum(s.n_batches for s in self.stages)
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(s.seconds for s in self.stages)
+
+    def count(self, kind: str, complete: bool = False) -> int:
+        """How many stages of ``kind`` there are (only complete ones if ``complete``)."""
+        return sum(s.kind == kind and (s.complete or not complete) for s in self.stages)
+
+    def open_stage(self, kind: str | None = None) -> StageRecord | None:
+        """The last stage if it is not complete (and of ``kind``, when given)."""
+        last = self.stages[-1] if self.stages else None
+        if last is None or last.complete or (kind is not None and last.kind != kind):
+            return None
+        return last
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "stages": [s.to_dict() for s in self.stages],
+            "iterations": self.iterations,
+            "stopped_by": self.stopped_by,
+            "faults": self.faults,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JKOHistory:
+        """Reads :meth:`to_dict` output, and history files written with ``w2`` records."""
+        return cls(
+            data["config"],
+            [StageRecord.from_dict(s) for s in data["stages"]],
+            data["iterations"],
+            data.get("stopped_by", ""),
+            data.get("faults", []),
+        )

@@ -1,0 +1,102 @@
+"""The pushed samples a JKO run trains on (docs/design.md, "The scheduler and its stages").
+
+Block k is trained on samples of p_{k−1}: the data pushed through blocks
+0 … k−1, x ↦ T_{k−1}∘…∘T_0(x), with the accumulated log-determinant
+ℓ = Σ_j ℓ_j(x). They are pushed once per block, ``chunk_size`` rows at a time
+(sharded over the ranks and gathered), and kept where the placement says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from blocks import Block
+
+from .flow import Flow, chunked
+from .metrics import STEP_CHECK_ROWS
+from .objectives import gaussian_log_prob
+from .ode import integrate
+from .placement import Placement
+
+__all__ = ["Pushed", "Samples"]
+
+
+@dataclass
+class Pushed:
+    """Samples x of p_k, shape (n, d), and the flow's log-determinant so far, shape (n,)."""
+
+    x: Tensor
+    logdet: Tensor
+
+    def nll(self) -> float:
+        """−mean(log N(x; 0, I) + ℓ): the NLL of the data under the flow so far."""
+        return float(-(gaussian_log_prob(self.x) + self.logdet).mean())
+
+    def head(self, rows: int) -> Pushed:
+        return Pushed(self.x[:rows], self.logdet[:rows])
+
+
+class Samples:
+    """The named data sets (``train``, ``val``, optional ``test``) of one run
+    and their pushes through ``flow``."""
+
+    def __init__(self, flow: Flow, sets: dict[str, Tensor], placement: Placement, chunk_size: int) -> None:
+        self.flow, self.sets, self.placement, self.chunk_size = flow, sets, placement, chunk_size
+        self._base: tuple[int, dict[str, Pushed]] | None = None
+
+    def base(self, first: int) -> dict[str, Pushed]:
+        """The data pushed through the flow's first ``first`` blocks (kept)."""
+        if self._base is None or self._base[0] != first:
+            frozen = self.flow.head(first)
+            with torch.no_grad():
+                pushed = {
+                    name: Pushed(*self._map(lambda part: frozen(part, self.chunk_size), x))
+                    for name, x in self.sets.items()
+                }
+            self._base = (first, pushed)
+        return self._base[1]
+
+    def through(self, first: int, trained: int) -> dict[str, Pushed]:
+        """Samples for block ``first + trained``: the base samples pushed through
+        the ``trained`` blocks after ``first`` (the same pushes, so the same
+        numbers, as when those blocks were trained)."""
+        cached = self.base(first)
+        with torch.no_grad():
+            for k in range(first, first + trained):
+                cached = self.push_all(self.flow.blocks[k], cached)
+        return cached
+
+    def push_all(self, block: Block, cached: dict[str, Pushed]) -> dict[str, Pushed]:
+        return {name: self.push(block, c) for name, c in cached.items()}
+
+    def push(self, block: Block, cached: Pushed, steps: int | None = None) -> Pushed:
+        """Samples of p_k from those of p_{k−1}: x ↦ T_k(x), ℓ += ℓ_k(x), with
+        ``steps`` RK4 steps (default: the flow's)."""
+        steps = steps or self.flow.steps
+        z, logdet = self._map(lambda part: integrate(block, part, steps), cached.x)
+        return Pushed(z, cached.logdet + logdet)
+
+    def step_doubling_change(self, block: Block, before: Pushed, after: Pushed) -> float:
+        """The RK4 error block k adds to the validation NLL: on the first
+        :data:`~jkoflow.metrics.STEP_CHECK_ROWS` rows, the NLL with the block
+        at 2·steps RK4 steps minus that at steps."""
+        rows = min(len(before.x), STEP_CHECK_ROWS)
+        doubled = self.push(block, before.head(rows), 2 * self.flow.steps)
+        return doubled.nll() - after.head(rows).nll()
+
+    def _map(self, fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor) -> tuple[Tensor, Tensor]:
+        """(z, ℓ) = ``fn(rows)[:2]`` for the rows of ``x``, chunk by chunk on the
+        compute device, kept on the cache device; each rank pushes its shard."""
+        place, size = self.placement, self.chunk_size
+        start, stop = place.group.shard(len(x))
+
+        def run(part: Tensor) -> tuple[Tensor, Tensor]:
+            z, logdet = fn(place.compute(part))[:2]
+            return z.to(place.store), logdet.to(place.store)
+
+        out = chunked(run, x[start:stop], size)
+        return tuple(place.keep(place.group.gather_rows(t, len(x), size)) for t in out)  # type: ignore[return-value]

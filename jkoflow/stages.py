@@ -1,0 +1,198 @@
+"""Stages of the JKO scheme as plans (docs/design.md, "The scheduler and its stages").
+
+A stage kind is a pure function ``plan(history, stage, context) -> Plan``: from
+the records so far (the run's :class:`~jkoflow.records.JKOHistory`, the open
+:class:`~jkoflow.records.StageRecord`) and the config it gives the blocks the
+stage still has to train, as :class:`BlockPlan` entries (index, h, Adam
+steps, how the block starts), or none and why it stopped. The trainer calls
+it again after every block, so a resumed stage continues where it stood.
+:data:`STAGES` maps each kind to its plan, the way torchdiffeq maps solver
+names to solvers: adding a stage kind means adding one function.
+
+- ``initial`` / ``extend``: one new block at a time, h_k = min(h0·ρ^k, h_max),
+  until Ter(k) < ε, a budget is spent, or the flow holds ``max_blocks`` blocks.
+- ``reparam``: every block of the previous stage retrained from its weights
+  with h_k ← clip(h_k + η(h*_k − h_k), h_min, h_max), h* given by a rule of
+  :data:`REPARAM_RULES` (:func:`reparametrize`).
+- ``refine``: every block of the previous stage cut into c time slices
+  (``blocks.time_slices``), each trained in order at h_k/c.
+
+A :class:`BlockPlan` with ``h=None`` is a block trained without the W2 term.
+
+Reference: Xu, Cheng, Xie, JKO-iFlow, https://arxiv.org/abs/2212.14424
+(reparametrisation and refinement, its section 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .records import JKOHistory, StageRecord
+
+if TYPE_CHECKING:
+    from .config import JKOConfig
+
+__all__ = [
+    "REPARAM_RULES",
+    "STAGES",
+    "BlockPlan",
+    "Plan",
+    "PlanContext",
+    "Slice",
+    "reparametrize",
+]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A block that starts as time slice ``piece`` of ``count`` of parent ``parent``."""
+
+    parent: int
+    count: int
+    piece: int
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """One block a stage trains next.
+
+    Attributes:
+        index: Its index k in the flow.
+        h: Its step size; None to train it without the W2 term.
+        iters: Adam steps.
+        start: ``"new"`` (a freshly initialised block k), ``"keep"`` (the
+            flow's block k, from its weights) or a :class:`Slice`.
+    """
+
+    index: int
+    h: float | None
+    iters: int
+    start: str | Slice = "new"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The blocks a stage still trains, or none and ``stopped_by``; ``complete``
+    when they are all of the stage's remaining blocks (not one at a time)."""
+
+    blocks: list[BlockPlan] = field(default_factory=list)
+    stopped_by: str = ""
+    complete: bool = False
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a plan may read besides the records: the config, the index of the
+    first block this run trains, and whether the budget is spent."""
+
+    config: JKOConfig
+    first: int
+    out_of_budget: bool = False
+
+
+PlanFn = Callable[[JKOHistory, StageRecord, PlanContext], Plan]
+
+
+def _ratio(h: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """h*_k = h_k·S̄/S_k: each block on its own toward the mean movement."""
+    return h * s.mean() / s
+
+
+def _arclength(h: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The blocks as segments of one curve, times t_k = Σ_{j≤k} h_j, arc lengths
+    D_k = Σ_{j≤k} S_j; h* cuts the same total time into segments of equal arc
+    length, t*_k = D⁻¹(k·D_L/L) by linear interpolation, h*_k = t*_k − t*_{k−1}."""
+    times = np.concatenate([[0.0], np.cumsum(h)])
+    arc = np.concatenate([[0.0], np.cumsum(s)])
+    return np.diff(np.interp(np.linspace(0.0, arc[-1], len(s) + 1), arc, times))
+
+
+REPARAM_RULES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "ratio": _ratio,
+    "arclength": _arclength,
+}
+"""Reparametrisation rules: ``rule(h, S) -> h*``, arrays of shape (L,)."""
+
+
+def reparametrize(
+    h: list[float], w2: list[float], eta: float, h_min: float, h_max: float, rule: str = "ratio"
+) -> list[float]:
+    """One step h_k ← clip(h_k + η(h*_k − h_k), h_min, h_max) toward equal
+    movements S_k = W_k (``w2``: the movements), h* from ``REPARAM_RULES[rule]``.
+
+    >>> reparametrize([1.0, 1.0], [1.0, 3.0], eta=1.0, h_min=0.1, h_max=10.0)
+    [2.0, 0.6666666666666666]
+    """
+    if rule not in REPARAM_RULES:
+        raise ValueError(f"rule must be one of {', '.join(map(repr, REPARAM_RULES))}, got {rule!r}")
+    s = np.maximum(np.asarray(w2, dtype=float), 1e-12)
+    hs = np.asarray(h, dtype=float)
+    target = REPARAM_RULES[rule](hs, s)
+    return [float(v) for v in np.clip(hs + eta * (target - hs), h_min, h_max)]
+
+
+def _previous(history: JKOHistory, stage: StageRecord) -> StageRecord:
+    """The stage before ``stage``."""
+    return history.stages[history.stages.index(stage) - 1]
+
+
+def _remaining(
+    stage: StageRecord, hs: list[float], iters: int, first: int, start: Callable[[int], Any]
+) -> Plan:
+    """The blocks of an all-planned stage after those it has trained."""
+    done = len(stage.blocks)
+    return Plan([BlockPlan(first + p, hs[p], iters, start(p)) for p in range(done, len(hs))], complete=True)
+
+
+def plan_grow(history: JKOHistory, stage: StageRecord, context: PlanContext) -> Plan:
+    """One new block with h_k = min(h0·ρ^k, h_max), unless the last one moved
+    less than Ter(k) < ε, the budget is spent or ``max_blocks`` are reached."""
+    config, records = context.config, stage.blocks
+    if records and records[-1].ter < config.ter_eps:
+        return Plan(stopped_by="ter")
+    if records and context.out_of_budget:
+        return Plan(stopped_by="budget")
+    k = context.first + len(records)
+    if k >= config.max_blocks:
+        return Plan(stopped_by="max_blocks")
+    return Plan([BlockPlan(k, config.step_size(k), config.iters, "new")])
+
+
+def plan_reparam(history: JKOHistory, stage: StageRecord, context: PlanContext) -> Plan:
+    """Every block of the previous stage again, from its weights, at the h
+    :func:`reparametrize` gives from that stage's h and movements (rule:
+    ``stage.rule``, else ``config.reparam_rule``)."""
+    config, last = context.config, _previous(history, stage).blocks
+    hs = reparametrize(
+        [b.h for b in last],
+        [b.movement for b in last],
+        config.reparam_eta,
+        config.h_min,
+        config.h_max,
+        stage.rule or config.reparam_rule,
+    )
+    return _remaining(stage, hs, config.retrain_iters, context.first, lambda p: "keep")
+
+
+def plan_refine(history: JKOHistory, stage: StageRecord, context: PlanContext) -> Plan:
+    """Every block of the previous stage cut into c = ``stage.factor`` time
+    slices, slice j of block k starting as that slice, at h_k/c."""
+    count = stage.factor or 2
+    hs = [
+        None if b.h is None else b.h / count for b in _previous(history, stage).blocks for _ in range(count)
+    ]
+    iters = context.config.retrain_iters
+    return _remaining(stage, hs, iters, context.first, lambda p: Slice(p // count, count, p % count))
+
+
+STAGES: dict[str, PlanFn] = {
+    "initial": plan_grow,
+    "extend": plan_grow,
+    "reparam": plan_reparam,
+    "refine": plan_refine,
+}
+"""Stage kinds and their plans."""

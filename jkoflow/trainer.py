@@ -1,0 +1,438 @@
+"""The JKO scheme step by step: :class:`JKOTrainer`, and :func:`train_jko`,
+which runs the configured pipeline on it (docs/design.md, "The scheduler and
+its stages").
+
+Block k minimises KL((T_k)#p_{k−1} ‖ N(0, I)) + W2²(p_{k−1}, p_k)/(2h_k) on
+samples of p_{k−1} (:mod:`jkoflow.scheduler`). The configured pipeline:
+
+1. ``initial``: blocks with h_k = min(h0·ρ^k, h_max) until Ter(k) < ε, the
+   budget is spent or the flow holds ``max_blocks`` blocks;
+2. up to ``reparam_iters`` ``reparam`` stages, until the movement spread
+   max_k |W_k − W̄|/W̄ < ``reparam_tol``;
+3. one ``refine`` stage per entry c of ``refine``.
+
+Resuming a finished run with a larger ``max_blocks`` adds an ``extend n``
+stage. What each stage trains is a plan of :mod:`jkoflow.stages`.
+
+Reference: Xu, Cheng, Xie, JKO-iFlow, https://arxiv.org/abs/2212.14424.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from blocks import time_slices
+
+from .checkpoint import BlockProgress, TrainerState, data_fingerprint, load_state, save_state
+from .config import JKOConfig, config_from_dict, resume_config
+from .errors import InputError
+from .flow import Flow, as_data_tensor
+from .loop import Budget, Interrupt
+from .placement import Placement, resolve_placement
+from .records import BlockRecord, JKOHistory, StageRecord, movement_spread
+from .samples import Pushed, Samples
+from .scheduler import fit_block, new_block
+from .stages import STAGES, BlockPlan, PlanContext, Slice
+
+__all__ = ["JKOTrainer", "run_pipeline", "train_jko"]
+
+StageCallback = Callable[[JKOHistory, Flow], None]
+
+
+def _data_sets(
+    x_train: Any,
+    x_val: Any,
+    x_test: Any,
+    config: JKOConfig,
+    flow: Flow | None,
+    place: Placement,
+) -> dict[str, Tensor]:
+    """The checked train / val (a seeded 10 % of the training rows by default) / test tensors on the host."""
+    x_train = torch.as_tensor(x_train)
+    dim = flow.dim if flow is not None else (x_train.shape[1] if x_train.dim() == 2 else -1)
+    x_train = as_data_tensor(x_train, dim, place.host, "training data")
+    if x_val is None:
+        perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(config.seed))
+        n_val = max(1, len(x_train) // 10)
+        x_val, x_train = x_train[perm[:n_val]], x_train[perm[n_val:]]
+    sets = {"train": x_train, "val": as_data_tensor(x_val, dim, place.host, "validation data")}
+    if x_test is not None:
+        sets["test"] = as_data_tensor(x_test, dim, place.host, "test data")
+    if len(x_train) < config.batch_size:
+        raise InputError(
+            f"the training set has {len(x_train)} rows but batch_size is {config.batch_size}; "
+            "lower the batch size or give more data"
+        )
+    if config.batch_size < place.group.size:
+        raise InputError(
+            f"batch_size ({config.batch_size}) must be at least the number of processes ({place.group.size})"
+        )
+    return sets
+
+
+class JKOTrainer:
+    """One JKO run's state, trained step by step.
+
+    ``add_block(h)`` trains one more block, ``grow()`` adds blocks until the
+    stopping rule, ``reparametrize(n)`` and ``refine(c)`` run those stages,
+    ``run_stage(kind)`` any stage of :data:`jkoflow.stages.STAGES`; ``flow`` and
+    ``history`` are current at any time, ``save(path)`` writes a checkpoint
+    and :meth:`resume` continues one exactly.
+
+    Arguments: as :func:`train_jko` (``flow``: frozen blocks to train after).
+
+    Example:
+        >>> import jkoflow
+        >>> x = jkoflow.datasets.load("8gaussians", n=3000)
+        >>> cfg = jkoflow.JKOConfig(width=8, iters=5, batch_size=256)
+        >>> trainer = jkoflow.JKOTrainer(x, config=cfg)
+        >>> [trainer.add_block(h=h).h for h in (1.0, 2.0)]
+        [1.0, 2.0]
+        >>> stage = trainer.refine(2)
+        >>> len(trainer.flow), [s.name for s in trainer.history.stages]
+        (4, ['initial', 'refine 1'])
+    """
+
+    def __init__(
+        self,
+        x_train: Any,
+        x_val: Any = None,
+        x_test: Any = None,
+        config: JKOConfig | None = None,
+        flow: Flow | None = None,
+        progress: bool = False,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        on_stage: StageCallback | None = None,
+        checkpoint: str | os.PathLike | None = None,
+    ) -> None:
+        self.config = config = config or JKOConfig()
+        host = resolve_placement(config)
+        sets = _data_sets(x_train, x_val, x_test, config, flow, host)
+        dim = next(iter(sets.values())).shape[1]
+        self.placement = resolve_placement(config, host.group, sum(len(x) for x in sets.values()), dim)
+        flow = (
+            flow if flow is not None else Flow.for_data(sets["train"], config.eval_steps, config.standardize)
+        )
+        sets = {name: self.placement.keep(x) for name, x in sets.items()}
+        self.flow = flow.to(device=self.placement.device, dtype=self.placement.dtype)
+        self.samples = Samples(self.flow, sets, self.placement, config.chunk_size)
+        self.progress, self.callback, self.on_stage = (
+            progress and self.placement.group.is_main,
+            callback,
+            on_stage,
+        )
+        self.checkpoint = checkpoint  # read by every rank on resume, written by rank 0
+        self.first = len(self.flow)  # blocks before this index are frozen input
+        self.history = JKOHistory(config.to_dict())
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.budget = Budget(config.max_batches, config.max_seconds)
+        self.interrupt = Interrupt(self.placement.group)
+        self.parents: list[Any] | None = None  # blocks an open refinement stage still cuts
+        self.block: BlockProgress | None = None  # the block in training
+        self.optimizer: torch.optim.Optimizer | None = None  # its optimizer
+        self.finished = False
+        self._carry: tuple[str, int, dict[str, Pushed]] | None = None
+
+    @classmethod
+    def resume(
+        cls,
+        checkpoint: str | os.PathLike,
+        x_train: Any,
+        x_val: Any = None,
+        x_test: Any = None,
+        config: JKOConfig | None = None,
+        **options: Any,
+    ) -> JKOTrainer:
+        """The trainer saved in ``checkpoint`` (same data), continuing exactly
+        where it stopped; ``config`` may change only :data:`~jkoflow.config.RESUMABLE` fields."""
+        saved = load_state(checkpoint)
+        saved_config = config_from_dict(JKOConfig, saved.config)
+        config = saved_config if config is None else resume_config(saved_config, config)
+        trainer = cls(x_train, x_val, x_test, config, saved.flow, checkpoint=checkpoint, **options)
+        _restore(trainer, saved)
+        return trainer
+
+    # -- the scheme, step by step ---------------------------------------------------
+
+    def add_block(self, h: float | None = None) -> BlockRecord:
+        """Trains one new block with step ``h`` (default h_k = min(h0·ρ^k, h_max))
+        for ``iters`` steps, in the open ``initial``/``extend`` stage."""
+        stage = self._growing()
+        k = self.first + len(stage.blocks)
+        return self._train(
+            stage, BlockPlan(k, self.config.step_size(k) if h is None else float(h), self.config.iters)
+        )
+
+    def grow(self) -> StageRecord:
+        """Adds blocks until Ter(k) < ε, ``max_blocks`` or the budget (the
+        ``initial`` stage, or an ``extend`` one after other stages)."""
+        return self._run(self._growing())
+
+    def reparametrize(self, iters: int = 1, rule: str | None = None) -> list[StageRecord]:
+        """Up to ``iters`` ``reparam`` stages (``rule``: a key of
+        :data:`~jkoflow.stages.REPARAM_RULES`, default the config's); stops early
+        once the movement spread is below ``reparam_tol`` or the budget is spent."""
+        done = []
+        for _ in range(iters):
+            if self.history.open_stage("reparam") is None:
+                spread = movement_spread([b.movement for b in self.history.stages[-1].blocks])
+                if self.budget.done() or spread < self.config.reparam_tol:
+                    break
+            done.append(self.run_stage("reparam", rule=rule))
+        return done
+
+    def refine(self, c: int) -> StageRecord:
+        """Cuts every block into ``c`` time slices, each trained in order at h/c."""
+        return self.run_stage("refine", factor=c)
+
+    def run_stage(self, kind: str, factor: int | None = None, rule: str | None = None) -> StageRecord:
+        """Runs a stage of ``kind`` (continuing an open one of that kind)."""
+        if kind not in STAGES:
+            raise InputError(f"unknown stage kind {kind!r}; known: {', '.join(STAGES)}")
+        return self._run(self._begin(kind, factor, rule))
+
+    def extend(self) -> StageRecord:
+        """Adds blocks to a finished flow on data pushed through all of it."""
+        if len(self.flow) >= self.config.max_blocks:
+            raise InputError(
+                f"training has finished with {len(self.flow)} blocks; "
+                f"set max_blocks above {len(self.flow)} to add blocks"
+            )
+        self.finished = False
+        stage = self.run_stage("extend")
+        self.finished = True
+        self.save()
+        return stage
+
+    # -- stages ---------------------------------------------------------------------
+
+    def _growing(self) -> StageRecord:
+        """The open initial/extend stage, else a new one."""
+        open_stage = self.history.open_stage()
+        if open_stage is not None and open_stage.kind in ("initial", "extend"):
+            return open_stage
+        return self._begin("extend" if self.history.stages else "initial")
+
+    def _begin(self, kind: str, factor: int | None = None, rule: str | None = None) -> StageRecord:
+        """The open stage of ``kind`` (a resumed or stepwise one), else a new stage
+        after closing an open one of another kind."""
+        history = self.history
+        open_stage = history.open_stage()
+        if kind == "initial" and history.stages:
+            return history.stages[0]
+        if open_stage is not None and open_stage.kind == kind:
+            return open_stage
+        if open_stage is not None:
+            self._close(open_stage)
+        if kind == "extend":
+            self.first = len(self.flow)
+        name = "initial" if kind == "initial" else f"{kind} {history.count(kind) + 1}"
+        stage = StageRecord(name, kind, factor=factor, rule=rule)
+        history.stages.append(stage)
+        plan = STAGES[kind](history, stage, self._context())
+        if plan.complete:
+            stage.h_plan = [b.h for b in plan.blocks]
+        if any(isinstance(b.start, Slice) for b in plan.blocks):
+            self.parents = list(self.flow.blocks[self.first :])
+            del self.flow.blocks[self.first :]
+        return stage
+
+    def _context(self) -> PlanContext:
+        return PlanContext(self.config, self.first, self.budget.done())
+
+    def _run(self, stage: StageRecord) -> StageRecord:
+        """Trains the blocks the stage's plan gives until it gives none, then closes it."""
+        while not stage.complete:
+            plan = STAGES[stage.kind](self.history, stage, self._context())
+            if not plan.blocks:
+                if plan.stopped_by:
+                    self.history.stopped_by = plan.stopped_by
+                break
+            self._train(stage, plan.blocks[0])
+        if not stage.complete:
+            self.parents = None
+            self._close(stage)
+        return stage
+
+    def _train(self, stage: StageRecord, plan: BlockPlan) -> BlockRecord:
+        """Trains block ``plan.index`` of ``stage`` (building it if it is new)."""
+        k, start = plan.index, plan.start
+        if len(self.flow) == k and start == "new":
+            previous = self.flow.blocks[-1] if len(self.flow) else None
+            self.flow.append(new_block(k, self.flow.dim, self.config, previous).to(self.placement.like))
+        elif len(self.flow) == k and isinstance(start, Slice):
+            assert self.parents is not None
+            self.flow.append(
+                time_slices(self.parents[start.parent], start.count)[start.piece].to(self.placement.like)
+            )
+        carry = self._carry
+        key = (stage.name, len(stage.blocks))
+        if carry is not None and carry[:2] == key:
+            cached = carry[2]
+        else:
+            cached = self.samples.through(self.first, len(stage.blocks))
+        with _stop_on_interrupt(self.interrupt, enabled=self.checkpoint is not None):
+            moved = fit_block(self, stage, plan, cached)
+        self._carry = (stage.name, len(stage.blocks), moved)
+        return stage.blocks[-1]
+
+    def _close(self, stage: StageRecord) -> None:
+        stage.close()
+        if self.progress:
+            nll = f", test NLL {stage.test_nll:.4f}" if stage.test_nll is not None else ""
+            tqdm.write(f"[{stage.name}] {len(stage.blocks)} blocks, W spread {stage.spread:.3f}{nll}")
+        if self.on_stage is not None:
+            self.on_stage(self.history, self.flow)
+        self.save()
+
+    # -- checkpoints ----------------------------------------------------------------
+
+    def state(self) -> TrainerState:
+        """A snapshot of the run (:mod:`jkoflow.checkpoint`)."""
+        if self.block is not None and self.optimizer is not None:
+            self.block.optimizer = self.optimizer.state_dict()
+        return TrainerState(
+            config=self.config.to_dict(),
+            history=self.history.to_dict(),
+            flow=self.flow,
+            parents=self.parents,
+            first=self.first,
+            batches=self.budget.batches,
+            seconds=self.budget.seconds,
+            finished=self.finished,
+            data={name: data_fingerprint(x) for name, x in self.samples.sets.items()},
+            block=self.block,
+            generator=self.generator.get_state(),
+            torch_rng=torch.get_rng_state(),
+        )
+
+    def save(self, path: str | os.PathLike | None = None) -> None:
+        """Writes the state atomically to ``path`` (default: the checkpoint file; rank 0 only)."""
+        path = path if path is not None else self.checkpoint
+        if path is not None and self.placement.group.is_main:
+            save_state(self.state(), path)
+
+
+def _restore(trainer: JKOTrainer, state: TrainerState) -> None:
+    """Continues ``trainer`` from ``state``, which must have been trained on the same data."""
+    for name, x in trainer.samples.sets.items():
+        if name not in state.data or not np.allclose(data_fingerprint(x), state.data[name], rtol=1e-9):
+            raise InputError(f"the {name} data differ from those the checkpoint was trained on")
+    trainer.history = JKOHistory.from_dict({**state.history, "config": trainer.config.to_dict()})
+    trainer.parents = [p.to(trainer.placement.like) for p in state.parents] if state.parents else None
+    trainer.first, trainer.budget.batches, trainer.budget.seconds = state.first, state.batches, state.seconds
+    trainer.finished, trainer.block = state.finished, state.block
+    trainer.generator.set_state(state.generator)
+    torch.set_rng_state(state.torch_rng)
+
+
+@contextmanager
+def _stop_on_interrupt(interrupt: Interrupt, enabled: bool) -> Iterator[None]:
+    """While active, a first Ctrl-C asks the trainer to stop after the current
+    Adam step (it then writes its checkpoint and raises KeyboardInterrupt); a
+    second Ctrl-C interrupts at once."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask_to_stop(signum: int, frame: Any) -> None:
+        if interrupt.interrupted:
+            raise KeyboardInterrupt
+        interrupt.interrupted = True
+
+    previous = signal.signal(signal.SIGINT, ask_to_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_pipeline(trainer: JKOTrainer) -> None:
+    """The configured stages, continued where they stand: ``initial``, then up to
+    ``reparam_iters`` ``reparam`` stages, then one ``refine`` stage per entry of
+    ``refine``; a finished run gets an ``extend`` stage instead."""
+    history, config = trainer.history, trainer.config
+    if trainer.finished:
+        trainer.extend()
+        return
+    if history.open_stage("extend") is not None:
+        trainer.run_stage("extend")
+    else:
+        trainer.run_stage("initial")
+        if history.stages[0].blocks:  # else the flow already had max_blocks blocks
+            trainer.reparametrize(config.reparam_iters - history.count("reparam", complete=True))
+            for c in config.refine[history.count("refine", complete=True) :]:
+                if history.open_stage("refine") is None and trainer.budget.done():
+                    break
+                trainer.refine(c)
+    trainer.finished = True
+    trainer.save()
+
+
+def train_jko(
+    x_train: Any,
+    x_val: Any = None,
+    x_test: Any = None,
+    config: JKOConfig | None = None,
+    flow: Flow | None = None,
+    progress: bool = False,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    on_stage: StageCallback | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> tuple[Flow, JKOHistory]:
+    """Trains a flow block by block with the JKO scheme, then runs the
+    reparametrisation and refinement stages that ``config`` asks for
+    (:func:`run_pipeline`).
+
+    Arguments:
+        x_train, x_val, x_test: Data (n, d); by default a seeded 10 % of
+            ``x_train`` is the validation set (W_k, Ter(k), NLL); the test NLL
+            is recorded per block when ``x_test`` is given.
+        config: A :class:`JKOConfig` (on resume: the checkpoint's, changed only
+            in :data:`~jkoflow.config.RESUMABLE` fields).
+        flow: A flow to extend: new blocks are trained after its frozen ones.
+        progress, callback, on_stage: Progress bars; a call per iteration
+            record; ``on_stage(history, flow)`` after each stage.
+        checkpoint: The trainer's state file, written atomically at every block
+            end, every ``checkpoint_every`` steps and on Ctrl-C.
+        resume: Continue from ``checkpoint`` with the same data, exactly; a
+            finished run gets blocks until it holds ``max_blocks``.
+
+    In a process group (:mod:`jkoflow.distributed`) every rank calls this with
+    the same arguments and gets one process's result; rank 0 writes ``checkpoint``.
+    Returns ``(flow, history)``: the trained :class:`Flow` (eval mode) and a :class:`JKOHistory`.
+
+    Raises TrainingError when a block's loss or gradient stays non-finite after
+    ``config.nan_retries`` retries; the checkpoint then holds the blocks before it.
+
+    Example:
+        >>> import jkoflow
+        >>> x = jkoflow.datasets.load("8gaussians", n=3000)
+        >>> cfg = jkoflow.JKOConfig(width=8, iters=5, batch_size=256, max_blocks=1)
+        >>> flow, history = jkoflow.train_jko(x, config=cfg)
+        >>> len(flow), len(history.iterations), history.stages[0].name
+        (1, 5, 'initial')
+    """
+    options = {"progress": progress, "callback": callback, "on_stage": on_stage}
+    if resume and checkpoint is None:
+        raise InputError("resume needs the checkpoint file to continue from")
+    if resume and flow is not None:
+        raise InputError("pass either a flow to extend or a checkpoint to resume, not both")
+    if resume:
+        trainer = JKOTrainer.resume(checkpoint, x_train, x_val, x_test, config, **options)
+    else:
+        trainer = JKOTrainer(x_train, x_val, x_test, config, flow, checkpoint=checkpoint, **options)
+    run_pipeline(trainer)
+    trainer.flow.eval()
+    return trainer.flow, trainer.history

@@ -1,0 +1,217 @@
+"""JKOTrainer step by step, the stage and rule registries, typed records and
+checkpoint format versions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import blocks
+import jkoflow
+from jkoflow import JKOConfig, JKOTrainer, datasets, train_jko
+from jkoflow.checkpoint import FORMAT_VERSION, load_state
+from jkoflow.records import BlockRecord, JKOHistory, StageRecord
+from jkoflow.stages import REPARAM_RULES, STAGES, BlockPlan, Plan, PlanContext, Slice, reparametrize
+
+FIXTURE = Path(__file__).parent / "data" / "trainer-v1.pt"
+
+CONFIG = JKOConfig(width=8, iters=15, batch_size=128, train_steps=2, eval_steps=4, max_blocks=3, ter_eps=1e-9)
+
+
+@pytest.fixture(scope="module")
+def data():
+    train, val, test = datasets.load_split("8gaussians", n=2000, seed=1)
+    return train, val, test
+
+
+def _record(index: int, h: float, movement: float, ter: float = 0.1) -> BlockRecord:
+    return BlockRecord(index, h, movement, ter, 3.0, 10, 1.0, 4.0, 3.0, 0)
+
+
+def _same_weights(a: jkoflow.Flow, b: jkoflow.Flow) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# -- stepwise use ----------------------------------------------------------------
+
+
+def test_add_block_records_the_given_h_and_keeps_the_stage_open(data):
+    trainer = JKOTrainer(*data, config=CONFIG)
+    first = trainer.add_block(h=0.7)
+    second = trainer.add_block()  # scheduled: h0·ρ^1
+    assert (first.h, second.h) == (0.7, CONFIG.step_size(1))
+    assert [b.index for b in trainer.history.blocks] == [0, 1] and len(trainer.flow) == 2
+    stage = trainer.history.stages[0]
+    assert stage.name == "initial" and not stage.complete
+    assert len(trainer.history.iterations) == 2 * CONFIG.iters
+    assert second.val_nll < first.val_nll + 0.5 and second.movement > 0
+
+
+def test_grow_stops_by_the_ter_rule_and_by_max_blocks(data):
+    stopped = JKOTrainer(*data, config=dataclasses.replace(CONFIG, ter_eps=10.0))
+    stage = stopped.grow()
+    assert len(stage.blocks) == 1 and stage.complete and stopped.history.stopped_by == "ter"
+    full = JKOTrainer(*data, config=dataclasses.replace(CONFIG, max_blocks=2))
+    full.add_block(h=1.0)
+    stage = full.grow()  # continues the open initial stage
+    assert [b.h for b in stage.blocks] == [1.0, CONFIG.step_size(1)]
+    assert full.history.stopped_by == "max_blocks" and stage.n_batches == 2 * CONFIG.iters
+
+
+def test_reparametrize_and_refine_follow_their_plans(data):
+    trainer = JKOTrainer(*data, config=dataclasses.replace(CONFIG, reparam_tol=1e-6))
+    for h in (1.0, 3.0):
+        trainer.add_block(h=h)
+    initial = trainer.history.stages[0]
+    (reparam,) = trainer.reparametrize(1, rule="arclength")
+    assert initial.complete and reparam.name == "reparam 1" and reparam.rule == "arclength"
+    expected = reparametrize([1.0, 3.0], [b.movement for b in initial.blocks], 0.5, 0.05, 20.0, "arclength")
+    assert [b.h for b in reparam.blocks] == expected == reparam.h_plan
+    refine = trainer.refine(2)
+    assert refine.factor == 2 and len(trainer.flow) == 4
+    assert [b.h for b in refine.blocks] == [expected[0] / 2] * 2 + [expected[1] / 2] * 2
+    assert [(b.parent, b.slice) for b in refine.blocks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(isinstance(b, blocks.TimeSlice) for b in trainer.flow.blocks)
+    assert trainer.history.n_batches == 8 * CONFIG.iters
+
+
+def test_stepwise_save_and_resume_continue_exactly(data, tmp_path):
+    whole = JKOTrainer(*data, config=CONFIG)
+    whole.add_block(h=0.5)
+    whole.add_block(h=2.0)
+    whole.refine(2)
+    path = tmp_path / "half.pt"
+    half = JKOTrainer(*data, config=CONFIG)
+    half.add_block(h=0.5)
+    half.save(path)
+    again = JKOTrainer.resume(path, *data)
+    again.add_block(h=2.0)
+    again.refine(2)
+    assert _same_weights(again.flow, whole.flow)
+    assert [r["loss"] for r in again.history.iterations] == [r["loss"] for r in whole.history.iterations]
+    assert again.history.to_dict()["stages"][0]["blocks"][0]["h"] == 0.5
+
+
+def test_train_jko_runs_the_pipeline_on_the_trainer(data):
+    config = dataclasses.replace(CONFIG, max_blocks=2, reparam_iters=1, reparam_tol=1e-6, refine=(2,))
+    flow, history = train_jko(*data, config=config)
+    trainer = JKOTrainer(*data, config=config)
+    trainer.grow()
+    trainer.reparametrize(1)
+    trainer.refine(2)
+    assert _same_weights(flow, trainer.flow)
+    assert [s.name for s in history.stages] == ["initial", "reparam 1", "refine 1"]
+
+
+def test_a_new_stage_kind_is_one_function(data, monkeypatch):
+    def halve(history: JKOHistory, stage: StageRecord, context: PlanContext) -> Plan:
+        last = history.stages[history.stages.index(stage) - 1].blocks
+        done = len(stage.blocks)
+        plans = [BlockPlan(b.index, b.h / 2, 5, "keep") for b in last]
+        return Plan(plans[done:], complete=True)
+
+    monkeypatch.setitem(STAGES, "halve", halve)
+    trainer = JKOTrainer(*data, config=CONFIG)
+    trainer.add_block(h=2.0)
+    stage = trainer.run_stage("halve")
+    assert stage.name == "halve 1" and stage.h_plan == [1.0] and [b.n_batches for b in stage.blocks] == [5]
+    with pytest.raises(jkoflow.InputError, match="unknown stage kind"):
+        trainer.run_stage("nonsense")
+
+
+# -- plans and rules ---------------------------------------------------------------
+
+
+def _history(*stages: StageRecord) -> JKOHistory:
+    return JKOHistory({}, list(stages))
+
+
+def test_grow_plan_schedule_and_stops():
+    config = JKOConfig(h0=2.0, rho=1.5, h_max=4.0, max_blocks=4, ter_eps=0.05)
+    stage = StageRecord("initial", "initial", [_record(0, 2.0, 1.0), _record(1, 3.0, 0.5)])
+    plan = STAGES["initial"](_history(stage), stage, PlanContext(config, 0))
+    assert plan.blocks == [BlockPlan(2, 4.0, config.iters, "new")]  # min(2·1.5², 4)
+    assert (
+        STAGES["initial"](_history(stage), stage, PlanContext(config, 0, out_of_budget=True)).stopped_by
+        == "budget"
+    )
+    assert STAGES["initial"](_history(stage), stage, PlanContext(config, 2)).stopped_by == "max_blocks"
+    stage.blocks.append(_record(2, 4.0, 0.1, ter=0.01))
+    assert STAGES["initial"](_history(stage), stage, PlanContext(config, 0)) == Plan(stopped_by="ter")
+
+
+def test_reparam_plan_gives_the_rule_numbers():
+    config = JKOConfig(reparam_eta=0.5, h_min=0.05, h_max=20.0, stage_iters=7)
+    initial = StageRecord("initial", "initial", [_record(0, 1.0, 1.0), _record(1, 2.0, 3.0)], complete=True)
+    reparam = StageRecord("reparam 1", "reparam")
+    plan = STAGES["reparam"](_history(initial, reparam), reparam, PlanContext(config, 0))
+    # ratio: h* = h·S̄/S = (2, 4/3); h + η(h* − h) = (1.5, 5/3)
+    assert [b.h for b in plan.blocks] == pytest.approx([1.5, 5 / 3], rel=1e-15)
+    assert [(b.index, b.iters, b.start) for b in plan.blocks] == [(0, 7, "keep"), (1, 7, "keep")]
+    reparam.rule = "arclength"  # t = (0, 1, 3), D = (0, 1, 4): t* = (0, 5/3, 3), h* = (5/3, 4/3)
+    plan = STAGES["reparam"](_history(initial, reparam), reparam, PlanContext(config, 0))
+    assert [b.h for b in plan.blocks] == pytest.approx([4 / 3, 5 / 3], rel=1e-15)
+    reparam.blocks.append(_record(0, 4 / 3, 1.0))
+    assert [
+        b.index for b in STAGES["reparam"](_history(initial, reparam), reparam, PlanContext(config, 0)).blocks
+    ] == [1]
+    assert set(REPARAM_RULES) == {"ratio", "arclength"}
+
+
+def test_refine_plan_cuts_every_block_into_slices():
+    config = JKOConfig(iters=9)
+    before = StageRecord("initial", "initial", [_record(1, 1.0, 1.0), _record(2, 2.0, 1.0)], complete=True)
+    refine = StageRecord("refine 1", "refine", factor=3)
+    plan = STAGES["refine"](_history(before, refine), refine, PlanContext(config, 1))
+    assert [b.index for b in plan.blocks] == [1, 2, 3, 4, 5, 6] and plan.complete
+    assert [b.h for b in plan.blocks] == [1 / 3] * 3 + [2 / 3] * 3
+    assert [b.start for b in plan.blocks][2:4] == [Slice(0, 3, 2), Slice(1, 3, 0)]
+    assert {b.iters for b in plan.blocks} == {9}
+
+
+# -- records and checkpoints ---------------------------------------------------------
+
+
+def test_records_round_trip_and_read_the_old_w2_key():
+    record = BlockRecord(
+        2, None, 0.25, 0.01, 3.1, 40, 1.5, 4.0, 3.0, 1, 1e-4, test_nll=3.2, parent=1, slice=0
+    )
+    assert BlockRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
+    assert "test_nll" not in _record(0, 1.0, 1.0).to_dict() and record["movement"] == 0.25
+    old = {"index": 0, "h": 5.0, "w2": 1.78, "ter": 0.3, "val_nll": 3.65, "n_batches": 10, "seconds": 2.0,
+           "loss_first": 4.0, "loss_last": 3.0, "retries": 0}  # fmt: skip
+    assert BlockRecord.from_dict(old).movement == 1.78
+    stage = StageRecord("reparam 1", "reparam", [BlockRecord.from_dict(old)], h_plan=[5.0])
+    stage.close()
+    history = JKOHistory({"seed": 0}, [stage], [{"loss": 1.0}], "ter", [])
+    assert JKOHistory.from_dict(json.loads(json.dumps(history.to_dict()))) == history
+    stages = [{"name": "initial", "kind": "initial", "complete": True, "blocks": [old]}]
+    legacy = {"config": {}, "stages": stages, "iterations": []}
+    assert JKOHistory.from_dict(legacy).blocks[0].movement == 1.78 and stage.spread == 0.0
+
+
+def test_an_old_checkpoint_resumes_like_an_uninterrupted_run(tmp_path):
+    """``trainer-v1.pt`` was written by the code before the records rename
+    (format version 1), killed in block 1 of "reparam 1" at step 7."""
+    x = datasets.load("8gaussians", n=1500, seed=0)
+    config = JKOConfig(
+        width=8, iters=20, batch_size=128, max_blocks=2, ter_eps=1e-9, train_steps=2, eval_steps=4,
+        checkpoint_every=5, reparam_iters=1,
+    )  # fmt: skip
+    state = load_state(FIXTURE)
+    assert FORMAT_VERSION == 2 and state.block is not None and state.block.iter == 5
+    assert "w2" in state.history["stages"][0]["blocks"][0]
+    path = tmp_path / "trainer.pt"
+    shutil.copy(FIXTURE, path)
+    resumed, history = train_jko(x, config=config, checkpoint=path, resume=True)
+    whole, reference = train_jko(x, config=config)
+    assert _same_weights(resumed, whole)
+    assert [r["loss"] for r in history.iterations] == [r["loss"] for r in reference.iterations]
+    assert [b.movement for b in history.stages[0].blocks] == [b.movement for b in reference.stages[0].blocks]
+    assert torch.load(path, weights_only=True)["version"] == 2
