@@ -102,7 +102,8 @@ def _data_choices() -> str:
     from . import datasets
 
     return (
-        f"toy name ({', '.join(datasets.TOY_NAMES)}), target spec (gmm:d=8,k=5,seed=0, banana:d=8,b=0.25), "
+        f"toy name ({', '.join(datasets.TOY_NAMES)}), target spec "
+        "(gmm:d=8,k=5,seed=0, banana:d=8,b=0.25, powerlaw:d=7,k=4,seed=0), "
         f"tabular set ({', '.join(datasets.TABULAR_NAMES)}) or a .npy/.csv file"
     )
 

@@ -37,7 +37,8 @@ __all__ = [
 
 TOY_NAMES: tuple[str, ...] = tuple(TOYS)
 _KINDS = (
-    f"a toy name ({', '.join(TOY_NAMES)}), a target spec (gmm:d=8,k=5,seed=0 or banana:d=8,b=0.25), "
+    f"a toy name ({', '.join(TOY_NAMES)}), a target spec "
+    "(gmm:d=8,k=5,seed=0, banana:d=8,b=0.25 or powerlaw:d=7,k=4,seed=0), "
     f"a tabular set ({', '.join(TABULAR_NAMES)}) or a path to a .npy or .csv file"
 )
 

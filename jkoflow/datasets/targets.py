@@ -8,6 +8,9 @@ A target is named by a spec string ``kind:key=value,...``:
 * ``banana:d=8,b=0.25``: x₁ ~ N(0, 2²) and x_i = y_i + b (x₁² − 4), y_i ~ N(0, 1)
   for i ≥ 2, a map of unit Jacobian, so
   log p(x) = log N(x₁; 0, 2²) + Σ_{i≥2} log N(x_i − b (x₁² − 4); 0, 1);
+* ``powerlaw:d=7,k=4,seed=0``: real-looking tabular data (:class:`PowerLaw`): a
+  long-tailed latent column, ``k − 1`` columns that are noisy power laws of it
+  (strongly correlated, thin curved ridges) and ``d − k`` long-tailed noise columns;
 
 and the 2-D toys whose density is closed-form: ``checkerboard`` (uniform, 1/32, on
 the eight squares of side 2 of [-4, 4]² with ⌊x₁/2⌋ + ⌊x₂/2⌋ even) and
@@ -34,6 +37,7 @@ __all__ = [
     "Checkerboard",
     "EightGaussians",
     "GaussianMixture",
+    "PowerLaw",
     "Target",
     "is_target",
     "parse_spec",
@@ -72,6 +76,12 @@ def _rows(x: np.ndarray, dim: int) -> np.ndarray:
     if x.ndim != 2 or x.shape[1] != dim:
         raise InputError(f"points have shape {tuple(x.shape)}; expected (n, {dim})")
     return x
+
+
+def _student_t_log_prob(x: np.ndarray, nu: float) -> np.ndarray:
+    """log of Student's t density with ``nu`` degrees of freedom (unit scale), elementwise."""
+    const = math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2) - 0.5 * math.log(nu * math.pi)
+    return const - 0.5 * (nu + 1) * np.log1p(x**2 / nu)
 
 
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
@@ -166,6 +176,72 @@ class Banana:
 
 
 @dataclass(frozen=True)
+class PowerLaw:
+    """Tabular-like data with an exact density: one latent variable drives ``k`` columns.
+
+    Column 1 is the latent a ~ t_ν₀ (Student's t, ν₀ = 4: long tails). Columns
+    i = 2..k are noisy power laws of it, x_i = c_i·sign(a)|a|^{p_i} + σ_i ε_i with
+    ε_i ~ N(0, 1), so they are strongly correlated and lie near thin curved
+    ridges (the structure of sensor columns in real tabular sets). Columns
+    k+1..d are independent long-tailed noise, x_j = s_j·t_{ν_j}. The parameters
+    (``exponents`` p, ``scales`` c, ``noise`` σ for the ridge columns;
+    ``tail_scales`` s and ``tail_dofs`` ν for the noise columns) are drawn from
+    the spec's seed by :meth:`random`. The density factorises along the
+    construction:
+
+        log p(x) = log t_ν₀(x₁) + Σ_{i=2..k} log N(x_i; c_i·sign(x₁)|x₁|^{p_i}, σ_i²)
+                   + Σ_{j>k} [log t_{ν_j}(x_j / s_j) − log s_j].
+    """
+
+    exponents: np.ndarray
+    scales: np.ndarray
+    noise: np.ndarray
+    tail_scales: np.ndarray
+    tail_dofs: np.ndarray
+    latent_dof: float = 4.0
+
+    @property
+    def dim(self) -> int:
+        return 1 + len(self.exponents) + len(self.tail_scales)
+
+    @classmethod
+    def random(cls, d: int, k: int, seed: int) -> PowerLaw:
+        """p_i ~ U(0.6, 1.6), c_i ~ U(0.5, 2), σ_i = c_i·U(0.05, 0.2); s_j ~ U(0.5, 2), ν_j ~ U(4, 10)."""
+        rng = np.random.default_rng(seed)
+        ridges = k - 1
+        scales = rng.uniform(0.5, 2.0, ridges)
+        return cls(
+            exponents=rng.uniform(0.6, 1.6, ridges),
+            scales=scales,
+            noise=scales * rng.uniform(0.05, 0.2, ridges),
+            tail_scales=rng.uniform(0.5, 2.0, d - k),
+            tail_dofs=rng.uniform(4.0, 10.0, d - k),
+        )
+
+    def _ridges(self, a: np.ndarray) -> np.ndarray:
+        """c_i·sign(a)|a|^{p_i} for a (n,): (n, k − 1)."""
+        return self.scales * np.sign(a)[:, None] * np.abs(a)[:, None] ** self.exponents
+
+    def sample(self, n: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+        rng = _rng(seed)
+        a = rng.standard_t(self.latent_dof, n)
+        ridges = self._ridges(a) + self.noise * rng.standard_normal((n, len(self.noise)))
+        tails = self.tail_scales * rng.standard_t(self.tail_dofs, (n, len(self.tail_dofs)))
+        return np.concatenate([a[:, None], ridges, tails], axis=1)
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        x = _rows(x, self.dim)
+        k = 1 + len(self.exponents)
+        a = x[:, 0]
+        out = _student_t_log_prob(a, self.latent_dof)
+        resid = (x[:, 1:k] - self._ridges(a)) / self.noise
+        out = out - 0.5 * (resid**2).sum(1) - np.log(self.noise).sum() - 0.5 * (k - 1) * LOG_2PI
+        for j, (s, nu) in enumerate(zip(self.tail_scales, self.tail_dofs, strict=True)):
+            out = out + _student_t_log_prob(x[:, k + j] / s, float(nu)) - math.log(s)
+        return out
+
+
+@dataclass(frozen=True)
 class Checkerboard:
     """The ``checkerboard`` toy: density 1/32 where ⌊x₁/2⌋ + ⌊x₂/2⌋ is even in [-4, 4)², else 0.
 
@@ -219,6 +295,7 @@ class EightGaussians:
 TARGET_KINDS: dict[str, dict[str, float]] = {
     "gmm": {"d": 2, "k": 5, "seed": 0},
     "banana": {"d": 2, "b": 0.25},
+    "powerlaw": {"d": 7, "k": 4, "seed": 0},
 }
 _TOY_TARGETS = ("checkerboard", "8gaussians")
 
@@ -255,6 +332,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
         values[key] = value
     if kind == "banana" and values["d"] < 2:
         raise InputError(f"{spec!r}: a banana needs d ≥ 2")
+    if kind == "powerlaw" and not 2 <= values["k"] <= values["d"]:
+        raise InputError(f"{spec!r}: a powerlaw target needs 2 ≤ k ≤ d")
     return kind, values
 
 
@@ -274,4 +353,6 @@ def target(name: str) -> Target:
     kind, values = parse_spec(name)
     if kind == "gmm":
         return GaussianMixture.random(int(values["d"]), int(values["k"]), int(values["seed"]))
+    if kind == "powerlaw":
+        return PowerLaw.random(int(values["d"]), int(values["k"]), int(values["seed"]))
     return Banana(int(values["d"]), float(values["b"]))
