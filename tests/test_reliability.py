@@ -368,3 +368,17 @@ def test_resume_says_and_resets_the_lr_scale(data, monkeypatch, tmp_path):
     assert other.block.lr_scale == 1.0 and "lr 0.01 × 1 (0/1 retries used)" in other.resume_note()
     flow, history = train_jko(*data, checkpoint=state, resume=True, reset_lr=True)
     assert len(flow) == 1 and history.blocks[0].n_batches == config.iters
+
+
+def test_a_flow_with_a_non_finite_nll_is_a_failed_run(tmp_path, monkeypatch, capsys):
+    import jkoflow.run
+
+    real = jkoflow.run.summarize
+    monkeypatch.setattr(jkoflow.run, "summarize", lambda *a: {**real(*a), "test_nll": float("inf")})
+    out = tmp_path / "run"
+    args = ["train", "--data", "8gaussians", "--n-samples", "3000", "--out", str(out), "--quiet"]
+    args += ["--width", "8", "--iters", "5", "--batch-size", "128", "--max-blocks", "1"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "the trained flow is not usable (test NLL inf" in err and "\n" not in err
+    assert not (out / "flow.pt").exists() and not (out / "summary.json").exists()
