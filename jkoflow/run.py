@@ -377,7 +377,8 @@ def _finish_run(
     if not all(value is not None and math.isfinite(value) for value in figures.values()):
         raise TrainingError(
             f"the trained flow is not usable (test NLL {figures['test_nll']}, inversion error "
-            f"{figures['inversion_error']}); train again with a lower --lr"
+            f"{figures['inversion_error']}); train again with a lower --lr",
+            block_index=len(flow),
         )
     flow.save(run.claim(files.flow.name))
     write_json(run.claim(files.history.name), history)
