@@ -358,6 +358,7 @@ def _train(args: argparse.Namespace) -> None:
                 args.overwrite,
                 not args.quiet,
                 resume=args.resume is not None,
+                reset_lr=args.resume is not None and args.lr is not None,
             )
     except KeyboardInterrupt:
         raise KeyboardInterrupt(

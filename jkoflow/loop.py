@@ -28,6 +28,8 @@ from . import distributed
 from .checkpoint import BlockProgress
 
 __all__ = [
+    "DIVERGENCE_FACTOR",
+    "FAULTS",
     "Bar",
     "Budget",
     "Checkpoints",
@@ -37,6 +39,7 @@ __all__ = [
     "Records",
     "Rollback",
     "Step",
+    "loss_fault",
     "optimize",
     "snapshot_parts",
 ]
@@ -99,7 +102,8 @@ def optimize(
     hooks: Sequence[Hook],
 ) -> None:
     """Adam steps on ``objective`` until ``progress.iter`` reaches ``iters`` or a
-    hook is done; a non-finite loss or gradient is handed to ``rollback``."""
+    hook is done; a non-finite or diverged loss (:func:`loss_fault`) or a
+    non-finite gradient is handed to ``rollback``."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     while progress.iter < iters and not any(hook.done() for hook in hooks):
         it, tick = progress.iter, time.perf_counter()
@@ -108,7 +112,7 @@ def optimize(
             group["lr"] = lr
         target, terms = objective.loss()
         optimizer.zero_grad(set_to_none=True)
-        fault = "loss" if not torch.isfinite(terms["loss"]) else None
+        fault = loss_fault(terms["loss"], progress.losses[:1])
         if fault is None:
             target.backward()
             if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
@@ -129,6 +133,37 @@ def optimize(
             hook.after_step(step)
     for hook in hooks:
         hook.close()
+
+
+DIVERGENCE_FACTOR = 10.0
+"""A finite loss counts as diverged once it exceeds the loop's first loss J₀ by
+more than ``DIVERGENCE_FACTOR · max(1, |J₀|)`` (:func:`loss_fault`)."""
+
+
+def loss_fault(loss: Tensor, first: Sequence[float]) -> str | None:
+    """``"loss"`` for a non-finite loss, ``"divergence"`` for a finite one above
+    J₀ + :data:`DIVERGENCE_FACTOR`·max(1, |J₀|), with J₀ = ``first[0]`` the
+    loss of the loop's first step (a block or OT-Flow starts near the identity
+    map, and training lowers the loss from there); else None.
+
+    >>> loss_fault(torch.tensor(3.0), [2.5]), loss_fault(torch.tensor(1e30), [2.5])
+    (None, 'divergence')
+    >>> loss_fault(torch.tensor(float("nan")), [])
+    'loss'
+    """
+    if not torch.isfinite(loss):
+        return "loss"
+    if first and float(loss.detach()) > first[0] + DIVERGENCE_FACTOR * max(1.0, abs(first[0])):
+        return "divergence"
+    return None
+
+
+FAULTS: dict[str, tuple[str, str]] = {
+    "loss": ("non-finite loss", "the loss was not finite"),
+    "gradient": ("non-finite gradient", "the gradient was not finite"),
+    "divergence": ("diverged loss", f"the loss diverged (above J₀ + {DIVERGENCE_FACTOR:g}·max(1, |J₀|))"),
+}
+"""Fault kind -> (what a retry's warning calls it, what the final error says)."""
 
 
 # -- rollback -------------------------------------------------------------------

@@ -35,7 +35,19 @@ from .checkpoint import BlockProgress, TrainerState, data_fingerprint, load_stat
 from .config import TrainingConfig, check_positive, config_from_dict, resume_config
 from .errors import InputError, TrainingError
 from .flow import Flow, as_data_tensor
-from .loop import Bar, Budget, Checkpoints, Hook, Interrupt, Records, Rollback, Step, optimize, snapshot_parts
+from .loop import (
+    FAULTS,
+    Bar,
+    Budget,
+    Checkpoints,
+    Hook,
+    Interrupt,
+    Records,
+    Rollback,
+    Step,
+    optimize,
+    snapshot_parts,
+)
 from .metrics import nll as flow_nll
 from .objectives import otflow_loss
 from .placement import Placement, resolve_placement
@@ -320,14 +332,14 @@ class _OTFlowRun:
         def give_up(fault: str, it: int) -> NoReturn:
             self.save()
             raise TrainingError(
-                f"OT-Flow: the {fault} was not finite at step {it} after {progress.retries} retries "
+                f"OT-Flow: {FAULTS[fault][1]} at step {it} after {progress.retries} retries "
                 f"(lr scaled by {progress.lr_scale:.3g}); try a lower lr",
                 block_index=0,
             )
 
         def report(fault: str, it: int) -> None:
             warnings.warn(
-                f"OT-Flow: non-finite {fault} at step {it}; rolled back to step {progress.iter} "
+                f"OT-Flow: {FAULTS[fault][0]} at step {it}; rolled back to step {progress.iter} "
                 f"with the lr scaled by {progress.lr_scale:.3g}",
                 RuntimeWarning,
                 stacklevel=5,

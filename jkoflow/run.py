@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import platform
 import time
@@ -369,7 +370,16 @@ def _finish_run(
     x_test: np.ndarray,
     seed: int,
 ) -> dict[str, Any]:
-    """Writes the flow, history, summary and plots of a finished run; returns the summary."""
+    """Writes the flow, history, summary and plots of a finished run; returns the
+    summary. A flow whose test NLL or inversion error is not finite is a failed
+    run (TrainingError), not a finished one: nothing is written for it."""
+    figures = {key: summary.get(key) for key in ("test_nll", "inversion_error")}
+    if not all(value is not None and math.isfinite(value) for value in figures.values()):
+        raise TrainingError(
+            f"the trained flow is not usable (test NLL {figures['test_nll']}, inversion error "
+            f"{figures['inversion_error']}); train again with a lower --lr",
+            block_index=len(flow),
+        )
     flow.save(run.claim(files.flow.name))
     write_json(run.claim(files.history.name), history)
     write_json(run.claim(files.summary.name), summary)
@@ -425,6 +435,7 @@ def run_jko(
     overwrite: bool = False,
     progress: bool = True,
     resume: bool = False,
+    reset_lr: bool = False,
 ) -> dict[str, Any]:
     """Trains a JKO flow and writes its run directory; returns the summary.
 
@@ -444,7 +455,7 @@ def run_jko(
     group = distributed.current()
     data = check_training(config, splits, max(1, len(config.block_types)), group.size)
     if not group.is_main:
-        return _follow_jko(out, config, splits, resume, group)
+        return _follow_jko(out, config, splits, (resume, reset_lr), group)
     failed = True
     try:  # the run directory is rank 0's: it checks, locks and writes it
         plan = _check_run_dir(out, data_config, config, data, overwrite, resume)
@@ -459,7 +470,7 @@ def run_jko(
         else:
             done = plan.state.history["iterations"] if plan is not None else []
             start = time.perf_counter()
-            flow, history = _train_in(files, run, config, splits, progress, done, resume)
+            flow, history = _train_in(files, run, config, splits, progress, done, (resume, reset_lr))
         summary = summarize(flow, history, splits[2], time.perf_counter() - start)
         summary.update(target_kl(flow, data_config.name, splits[2]))
         return _finish_run(files, run, flow, history.to_dict(), summary, splits[2], data_config.seed)
@@ -472,9 +483,10 @@ def _train_in(
     splits: tuple[np.ndarray, np.ndarray, np.ndarray],
     progress: bool,
     done: list[dict[str, Any]],
-    resume: bool,
+    resume: tuple[bool, bool],
 ) -> tuple[Flow, JKOHistory]:
-    """:func:`train_jko` with the run directory's log, stage checkpoints and trainer state."""
+    """:func:`train_jko` with the run directory's log, stage checkpoints and
+    trainer state; ``resume`` is (resume, reset_lr)."""
 
     def save_stage(history: JKOHistory, flow: Flow) -> None:  # a checkpoint after every stage
         flow.save(run.claim(stage_checkpoint(files, history.stages[-1]).name))
@@ -491,7 +503,8 @@ def _train_in(
                 callback=log,
                 on_stage=save_stage,
                 checkpoint=files.trainer,
-                resume=resume,
+                resume=resume[0],
+                reset_lr=resume[1],
             )
         except TrainingError as error:
             raise _saved_partial(files, run, error) from None
@@ -510,14 +523,16 @@ def _follow_jko(
     out: str | os.PathLike,
     config: JKOConfig,
     splits: tuple[np.ndarray, np.ndarray, np.ndarray],
-    resume: bool,
+    resume: tuple[bool, bool],
     group: distributed.Group,
 ) -> dict[str, Any]:
     """What a rank other than 0 does in :func:`run_jko`: trains in step with
-    rank 0 (reading the checkpoint when resuming) and writes nothing."""
+    rank 0 (reading the checkpoint when resuming; ``resume`` is (resume,
+    reset_lr)) and writes nothing."""
     if group.any(False):
         raise InputError(f"rank 0 could not start the run in {out}")
-    train_jko(*splits, config=config, checkpoint=RunFiles(out).trainer, resume=resume)
+    trainer_file = RunFiles(out).trainer
+    train_jko(*splits, config=config, checkpoint=trainer_file, resume=resume[0], reset_lr=resume[1])
     return {}
 
 

@@ -35,7 +35,7 @@ from . import distributed
 from .checkpoint import BlockProgress
 from .config import JKOConfig
 from .errors import TrainingError
-from .loop import Bar, Checkpoints, Records, Rollback, Step, optimize, snapshot_parts
+from .loop import FAULTS, Bar, Checkpoints, Records, Rollback, Step, optimize, snapshot_parts
 from .objectives import JKOLoss, jko_loss
 from .placement import Placement
 from .records import BlockRecord, JKOHistory, StageRecord, movement_spread
@@ -119,7 +119,7 @@ def _rollback(
     def give_up(fault: str, it: int) -> NoReturn:
         trainer.save()
         raise TrainingError(
-            f"block {k + 1}: the {fault} was not finite at step {it} after {progress.retries} "
+            f"block {k + 1}: {FAULTS[fault][1]} at step {it} after {progress.retries} "
             f"retries (lr scaled by {progress.lr_scale:.3g}); the {k} blocks before it are finished",
             block_index=k,
         )
@@ -130,7 +130,7 @@ def _rollback(
             dict(zip(fields, (stage, k, it, fault, progress.iter, progress.lr_scale), strict=True))
         )
         warnings.warn(
-            f"block {k + 1}: non-finite {fault} at step {it}; rolled back to step {progress.iter} "
+            f"block {k + 1}: {FAULTS[fault][0]} at step {it}; rolled back to step {progress.iter} "
             f"with the lr scaled by {progress.lr_scale:.3g} (retry {progress.retries}/{config.nan_retries})",
             RuntimeWarning,
             stacklevel=5,

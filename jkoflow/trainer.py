@@ -151,16 +151,36 @@ class JKOTrainer:
         x_val: Any = None,
         x_test: Any = None,
         config: JKOConfig | None = None,
+        reset_lr: bool = False,
         **options: Any,
     ) -> JKOTrainer:
         """The trainer saved in ``checkpoint`` (same data), continuing exactly
-        where it stopped; ``config`` may change only :data:`~jkoflow.config.RESUMABLE` fields."""
+        where it stopped; ``config`` may change only :data:`~jkoflow.config.RESUMABLE` fields.
+
+        The block in training keeps the learning-rate scale and retry count that
+        its rollbacks left, unless ``reset_lr`` or ``config`` gives another
+        ``lr``: then it continues at scale 1 with no retry used. The line
+        :meth:`resume_note` says which it continues with (shown with ``progress``)."""
         saved = load_state(checkpoint)
         saved_config = config_from_dict(JKOConfig, saved.config)
         config = saved_config if config is None else resume_config(saved_config, config)
         trainer = cls(x_train, x_val, x_test, config, saved.flow, checkpoint=checkpoint, **options)
         _restore(trainer, saved)
+        if trainer.block is not None and (reset_lr or config.lr != saved_config.lr):
+            trainer.block.lr_scale, trainer.block.retries = 1.0, 0
+        if trainer.progress:
+            tqdm.write(trainer.resume_note())
         return trainer
+
+    def resume_note(self) -> str:
+        """One line: where a resumed run continues, with which lr scale and retries."""
+        if self.block is None:
+            return f"resuming after {len(self.flow)} blocks (lr {self.config.lr:g})"
+        block = self.block
+        return (
+            f"resuming block {block.index + 1} at step {block.iter} with lr {self.config.lr:g} "
+            f"× {block.lr_scale:g} ({block.retries}/{self.config.nan_retries} retries used)"
+        )
 
     # -- the scheme, step by step ---------------------------------------------------
 
@@ -390,6 +410,7 @@ def train_jko(
     on_stage: StageCallback | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
+    reset_lr: bool = False,
 ) -> tuple[Flow, JKOHistory]:
     """Trains a flow block by block with the JKO scheme, then runs the
     reparametrisation and refinement stages that ``config`` asks for
@@ -408,6 +429,9 @@ def train_jko(
             end, every ``checkpoint_every`` steps and on Ctrl-C.
         resume: Continue from ``checkpoint`` with the same data, exactly; a
             finished run gets blocks until it holds ``max_blocks``.
+        reset_lr: On resume, the block in training restarts its learning-rate
+            scale at 1 and its retries at 0 (also when ``config.lr`` differs
+            from the checkpoint's; :meth:`JKOTrainer.resume`).
 
     In a process group (:mod:`jkoflow.distributed`) every rank calls this with
     the same arguments and gets one process's result; rank 0 writes ``checkpoint``.
@@ -430,7 +454,7 @@ def train_jko(
     if resume and flow is not None:
         raise InputError("pass either a flow to extend or a checkpoint to resume, not both")
     if resume:
-        trainer = JKOTrainer.resume(checkpoint, x_train, x_val, x_test, config, **options)
+        trainer = JKOTrainer.resume(checkpoint, x_train, x_val, x_test, config, reset_lr, **options)
     else:
         trainer = JKOTrainer(x_train, x_val, x_test, config, flow, checkpoint=checkpoint, **options)
     run_pipeline(trainer)

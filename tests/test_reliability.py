@@ -21,6 +21,7 @@ from jkoflow.checkpoint import load_state
 from jkoflow.cli import main
 from jkoflow.errors import TrainingError
 from jkoflow.flow import Flow
+from jkoflow.loop import FAULTS
 
 CONFIG = JKOConfig(
     width=8,
@@ -156,17 +157,19 @@ def _inject(monkeypatch, faulty_calls, kind="loss"):
             return terms
         if kind == "loss":
             return terms._replace(loss=terms.loss * float("nan"))
+        if kind == "divergence":  # finite, far above the block's first loss
+            return terms._replace(loss=terms.loss + 1e9)
         p = next(block.parameters())
         return terms._replace(loss=terms.loss + 0 * torch.sqrt(p - p).sum())  # finite value, NaN gradient
 
     monkeypatch.setattr(jkoflow.scheduler, "jko_loss", loss)
 
 
-@pytest.mark.parametrize("kind", ["loss", "gradient"])
+@pytest.mark.parametrize("kind", ["loss", "gradient", "divergence"])
 def test_non_finite_step_rolls_back_with_a_lower_lr(data, monkeypatch, kind):
     _inject(monkeypatch, lambda call: call in (8, 9), kind)
     config = dataclasses.replace(CONFIG, reparam_iters=0, refine=(), checkpoint_every=5)
-    with pytest.warns(RuntimeWarning, match=f"non-finite {kind} at step 7; rolled back to step 5"):
+    with pytest.warns(RuntimeWarning, match=f"{FAULTS[kind][0]} at step 7; rolled back to step 5"):
         flow, history = train_jko(*data, config=config)
     faults = history.faults
     assert [(f["block"], f["iter"], f["resumed_at"], f["fault"]) for f in faults] == [
@@ -330,3 +333,52 @@ def test_same_seed_same_summary(tmp_path):
     config = json.loads((runs[0] / "config.json").read_text())
     assert config["train"]["seed"] == 0 and config["data"]["seed"] == 0
     assert {"jkoflow", "torch", "numpy", "pot", "torchdiffeq", "python"} <= set(config["versions"])
+
+
+def test_a_finite_divergence_stops_the_run_like_nan(tmp_path, capsys):
+    """--lr 30 makes the loss grow without bound while it stays finite: that is
+    a fault (rolled back, then TrainingError and exit 1), not a finished run."""
+    out = tmp_path / "run"
+    args = ["train", "--data", "8gaussians", "--n-samples", "3000", "--out", str(out), "--quiet"]
+    args += ["--width", "8", "--iters", "20", "--batch-size", "128", "--max-blocks", "1", "--lr", "30"]
+    with pytest.warns(RuntimeWarning, match="diverged loss|non-finite"):
+        assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "block 1:" in err and "after 3 retries" in err and "\n" not in err
+    assert not (out / "flow.pt").exists() and not (out / "summary.json").exists()
+    faults = load_state(out / "trainer.pt").history["faults"]
+    assert len(faults) == 3 and {f["fault"] for f in faults} <= {"loss", "gradient", "divergence"}
+
+
+def test_resume_says_and_resets_the_lr_scale(data, monkeypatch, tmp_path):
+    """A run that spent its retries resumes at the saved lr scale unless a new
+    lr is given; the note says which scale and how many retries."""
+    _inject(monkeypatch, lambda call: call > 3)
+    config = dataclasses.replace(CONFIG, reparam_iters=0, refine=(), nan_retries=1, max_blocks=1)
+    state = tmp_path / "state.pt"
+    with pytest.warns(RuntimeWarning), pytest.raises(TrainingError):
+        train_jko(*data, config=config, checkpoint=state)
+    monkeypatch.undo()
+    kept = jkoflow.JKOTrainer.resume(state, *data)
+    assert (kept.block.lr_scale, kept.block.retries) == (0.5, 1)
+    assert kept.resume_note() == "resuming block 1 at step 3 with lr 0.05 × 0.5 (1/1 retries used)"
+    reset = jkoflow.JKOTrainer.resume(state, *data, reset_lr=True)
+    assert (reset.block.lr_scale, reset.block.retries) == (1.0, 0)
+    other = jkoflow.JKOTrainer.resume(state, *data, config=dataclasses.replace(config, lr=0.01))
+    assert other.block.lr_scale == 1.0 and "lr 0.01 × 1 (0/1 retries used)" in other.resume_note()
+    flow, history = train_jko(*data, checkpoint=state, resume=True, reset_lr=True)
+    assert len(flow) == 1 and history.blocks[0].n_batches == config.iters
+
+
+def test_a_flow_with_a_non_finite_nll_is_a_failed_run(tmp_path, monkeypatch, capsys):
+    import jkoflow.run
+
+    real = jkoflow.run.summarize
+    monkeypatch.setattr(jkoflow.run, "summarize", lambda *a: {**real(*a), "test_nll": float("inf")})
+    out = tmp_path / "run"
+    args = ["train", "--data", "8gaussians", "--n-samples", "3000", "--out", str(out), "--quiet"]
+    args += ["--width", "8", "--iters", "5", "--batch-size", "128", "--max-blocks", "1"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "the trained flow is not usable (test NLL inf" in err and "\n" not in err
+    assert not (out / "flow.pt").exists() and not (out / "summary.json").exists()
