@@ -44,7 +44,7 @@ from .samples import Pushed, Samples
 from .scheduler import fit_block, new_block
 from .stages import STAGES, BlockPlan, PlanContext, Slice
 
-__all__ = ["JKOTrainer", "run_pipeline", "train_jko"]
+__all__ = ["JKOTrainer", "resume_note", "run_pipeline", "train_jko"]
 
 StageCallback = Callable[[JKOHistory, Flow], None]
 
@@ -155,32 +155,15 @@ class JKOTrainer:
         **options: Any,
     ) -> JKOTrainer:
         """The trainer saved in ``checkpoint`` (same data), continuing exactly
-        where it stopped; ``config`` may change only :data:`~jkoflow.config.RESUMABLE` fields.
-
-        The block in training keeps the learning-rate scale and retry count that
-        its rollbacks left, unless ``reset_lr`` or ``config`` gives another
-        ``lr``: then it continues at scale 1 with no retry used. The line
-        :meth:`resume_note` says which it continues with (shown with ``progress``)."""
+        where it stopped; ``config`` may change only :data:`~jkoflow.config.RESUMABLE`
+        fields. ``reset_lr``: see :func:`_continue_block`."""
         saved = load_state(checkpoint)
         saved_config = config_from_dict(JKOConfig, saved.config)
         config = saved_config if config is None else resume_config(saved_config, config)
         trainer = cls(x_train, x_val, x_test, config, saved.flow, checkpoint=checkpoint, **options)
         _restore(trainer, saved)
-        if trainer.block is not None and (reset_lr or config.lr != saved_config.lr):
-            trainer.block.lr_scale, trainer.block.retries = 1.0, 0
-        if trainer.progress:
-            tqdm.write(trainer.resume_note())
+        _continue_block(trainer, reset_lr or config.lr != saved_config.lr)
         return trainer
-
-    def resume_note(self) -> str:
-        """One line: where a resumed run continues, with which lr scale and retries."""
-        if self.block is None:
-            return f"resuming after {len(self.flow)} blocks (lr {self.config.lr:g})"
-        block = self.block
-        return (
-            f"resuming block {block.index + 1} at step {block.iter} with lr {self.config.lr:g} "
-            f"× {block.lr_scale:g} ({block.retries}/{self.config.nan_retries} retries used)"
-        )
 
     # -- the scheme, step by step ---------------------------------------------------
 
@@ -343,6 +326,28 @@ class JKOTrainer:
             save_state(self.state(), path)
 
 
+def _continue_block(trainer: JKOTrainer, reset_lr: bool) -> None:
+    """The block in training keeps the learning-rate scale and retry count its
+    rollbacks left, unless ``reset_lr`` (also set when the resumed config has
+    another ``lr``): then it goes on at scale 1 with no retry used. With
+    ``progress`` the trainer says which (:func:`resume_note`)."""
+    if trainer.block is not None and reset_lr:
+        trainer.block.lr_scale, trainer.block.retries = 1.0, 0
+    if trainer.progress:
+        tqdm.write(resume_note(trainer))
+
+
+def resume_note(trainer: JKOTrainer) -> str:
+    """One line: where a resumed ``trainer`` continues, with which lr scale and retries."""
+    block, lr = trainer.block, trainer.config.lr
+    if block is None:
+        return f"resuming after {len(trainer.flow)} blocks (lr {lr:g})"
+    return (
+        f"resuming block {block.index + 1} at step {block.iter} with lr {lr:g} × {block.lr_scale:g} "
+        f"({block.retries}/{trainer.config.nan_retries} retries used)"
+    )
+
+
 def _restore(trainer: JKOTrainer, state: TrainerState) -> None:
     """Continues ``trainer`` from ``state``, which must have been trained on the same data."""
     for name, x in trainer.samples.sets.items():
@@ -429,9 +434,8 @@ def train_jko(
             end, every ``checkpoint_every`` steps and on Ctrl-C.
         resume: Continue from ``checkpoint`` with the same data, exactly; a
             finished run gets blocks until it holds ``max_blocks``.
-        reset_lr: On resume, the block in training restarts its learning-rate
-            scale at 1 and its retries at 0 (also when ``config.lr`` differs
-            from the checkpoint's; :meth:`JKOTrainer.resume`).
+        reset_lr: On resume, restart the lr scale and retries of the block in
+            training (also done when ``config.lr`` differs from the checkpoint's).
 
     In a process group (:mod:`jkoflow.distributed`) every rank calls this with
     the same arguments and gets one process's result; rank 0 writes ``checkpoint``.

@@ -22,6 +22,7 @@ from jkoflow.cli import main
 from jkoflow.errors import TrainingError
 from jkoflow.flow import Flow
 from jkoflow.loop import FAULTS
+from jkoflow.trainer import resume_note
 
 CONFIG = JKOConfig(
     width=8,
@@ -361,11 +362,11 @@ def test_resume_says_and_resets_the_lr_scale(data, monkeypatch, tmp_path):
     monkeypatch.undo()
     kept = jkoflow.JKOTrainer.resume(state, *data)
     assert (kept.block.lr_scale, kept.block.retries) == (0.5, 1)
-    assert kept.resume_note() == "resuming block 1 at step 3 with lr 0.05 × 0.5 (1/1 retries used)"
+    assert resume_note(kept) == "resuming block 1 at step 3 with lr 0.05 × 0.5 (1/1 retries used)"
     reset = jkoflow.JKOTrainer.resume(state, *data, reset_lr=True)
     assert (reset.block.lr_scale, reset.block.retries) == (1.0, 0)
     other = jkoflow.JKOTrainer.resume(state, *data, config=dataclasses.replace(config, lr=0.01))
-    assert other.block.lr_scale == 1.0 and "lr 0.01 × 1 (0/1 retries used)" in other.resume_note()
+    assert other.block.lr_scale == 1.0 and "lr 0.01 × 1 (0/1 retries used)" in resume_note(other)
     flow, history = train_jko(*data, checkpoint=state, resume=True, reset_lr=True)
     assert len(flow) == 1 and history.blocks[0].n_batches == config.iters
 
