@@ -50,6 +50,17 @@ class BlockProgress:
         retries: Retries used on this block.
         seconds: Optimisation seconds spent on this block.
         optimizer: The Adam state dict (None before the first step).
+
+    Example:
+        >>> from jkoflow.checkpoint import BlockProgress
+        >>> progress = BlockProgress(index=2)
+        >>> progress.count(1.5, 0.25)
+        >>> progress.count(1.25, 0.25)
+        >>> saved = progress.snapshot()
+        >>> progress.count(9.0, 1.0)
+        >>> progress.restore(saved)  # a rollback drops the last step
+        >>> progress.numbers()
+        {'index': 2, 'iter': 2, 'losses': [1.5, 1.25], 'lr_scale': 1.0, 'retries': 0, 'seconds': 0.5}
     """
 
     index: int
@@ -101,6 +112,26 @@ class TrainerState:
         trainer: ``"jko"`` or ``"otflow"``.
         extra: Trainer-specific state (tensors, numbers, lists, dicts), e.g.
             OT-Flow's best weights and learning-rate drops.
+
+    Example:
+        >>> import os, tempfile
+        >>> from jkoflow.checkpoint import BlockProgress, TrainerState, data_fingerprint
+        >>> from jkoflow.checkpoint import load_state, save_state
+        >>> x = torch.randn(50, 2)
+        >>> flow = jkoflow.Flow(2, [blocks.make("otflow", dim=2, width=4)], steps=2)
+        >>> state = TrainerState(
+        ...     config={}, history={"stages": []}, flow=flow, parents=None, first=0, batches=3,
+        ...     seconds=0.5, finished=False, data={"train": data_fingerprint(x)},
+        ...     block=BlockProgress(0, iter=3, losses=[3.0, 2.5, 2.25]),
+        ...     generator=torch.Generator().get_state(), torch_rng=torch.get_rng_state(),
+        ... )
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     save_state(state, os.path.join(tmp, "trainer.pt"))
+        ...     back = load_state(os.path.join(tmp, "trainer.pt"))
+        >>> back.batches, back.block.iter, back.block.losses, back.data["train"][0]
+        (3, 3, [3.0, 2.5, 2.25], 50.0)
+        >>> bool(torch.equal(back.flow(x)[0], flow(x)[0]))
+        True
     """
 
     config: dict[str, Any]

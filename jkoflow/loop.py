@@ -48,7 +48,14 @@ __all__ = [
 @dataclass
 class Step:
     """One finished Adam step: its index, learning rate, loss terms (floats,
-    ``terms["loss"]`` the optimised one), seconds and whether to stop after it."""
+    ``terms["loss"]`` the optimised one), seconds and whether to stop after it.
+
+    Example:
+        >>> from jkoflow.loop import Step
+        >>> step = Step(it=3, lr=0.05, terms={"loss": 1.5, "kl": 1.25}, seconds=0.01)
+        >>> step.terms["loss"], step.stop
+        (1.5, False)
+    """
 
     it: int
     lr: float
@@ -58,7 +65,26 @@ class Step:
 
 
 class Objective(Protocol):
-    """What :func:`optimize` minimises."""
+    """What :func:`optimize` minimises.
+
+    Example:
+        >>> from jkoflow.checkpoint import BlockProgress
+        >>> from jkoflow.loop import Rollback, optimize
+        >>> w = torch.nn.Parameter(torch.tensor([3.0]))
+        >>> class Quadratic:  # J(w) = w², lr 0.1·scale: SGD steps w ← 0.8·w
+        ...     def lr(self, it, scale):
+        ...         return 0.1 * scale
+        ...     def loss(self):
+        ...         loss = (w**2).sum()
+        ...         return loss, {"loss": loss}
+        >>> def give_up(fault, it):
+        ...     raise RuntimeError(fault)
+        >>> progress = BlockProgress(index=0)
+        >>> rollback = Rollback(progress, [], retries=0, lr_factor=0.5, give_up=give_up, report=print)
+        >>> optimize(Quadratic(), torch.optim.SGD([w], lr=0.1), progress, 3, rollback, [])
+        >>> progress.iter, [round(loss, 4) for loss in progress.losses], round(w.item(), 4)
+        (3, [9.0, 5.76, 3.6864], 1.536)
+    """
 
     def lr(self, it: int, scale: float) -> float:
         """The learning rate of step ``it``, times the rollback ``scale``."""
@@ -68,7 +94,33 @@ class Objective(Protocol):
 
 
 class Hook:
-    """A piece around the loop; every method is a no-op unless overridden."""
+    """A piece around the loop; every method is a no-op unless overridden.
+
+    Example:
+        >>> from jkoflow.checkpoint import BlockProgress
+        >>> from jkoflow.loop import Hook, Rollback, optimize
+        >>> class StopAt(Hook):  # stops once the loss is below 5
+        ...     def __init__(self):
+        ...         self.seen = []
+        ...     def after_step(self, step):
+        ...         self.seen.append(step.it)
+        ...     def done(self):
+        ...         return bool(progress.losses) and progress.losses[-1] < 5
+        >>> w = torch.nn.Parameter(torch.tensor([3.0]))
+        >>> class Quadratic:
+        ...     def lr(self, it, scale):
+        ...         return 0.1
+        ...     def loss(self):
+        ...         loss = (w**2).sum()
+        ...         return loss, {"loss": loss}
+        >>> def give_up(fault, it):
+        ...     raise RuntimeError(fault)
+        >>> progress, hook = BlockProgress(index=0), StopAt()
+        >>> rollback = Rollback(progress, [], retries=0, lr_factor=0.5, give_up=give_up, report=print)
+        >>> optimize(Quadratic(), torch.optim.SGD([w], lr=0.1), progress, 10, rollback, [hook])
+        >>> hook.seen, [round(loss, 4) for loss in progress.losses]  # 9, 5.76, then 3.6864 < 5
+        ([0, 1, 2], [9.0, 5.76, 3.6864])
+    """
 
     def done(self) -> bool:
         """Whether to stop before the next step."""
@@ -232,7 +284,27 @@ class Rollback:
     """Restores ``parts`` to their last :meth:`snapshot` after a non-finite
     loss or gradient, then multiplies ``progress.lr_scale`` by ``lr_factor``
     and counts a retry; ``give_up(fault, it)`` raises once ``retries`` are
-    spent, ``report(fault, it)`` is told of every retry."""
+    spent, ``report(fault, it)`` is told of every retry.
+
+    Example:
+        >>> from jkoflow.checkpoint import BlockProgress
+        >>> from jkoflow.loop import Rollback
+        >>> def give_up(fault, it):
+        ...     raise RuntimeError(f"{fault} at step {it}")
+        >>> def report(fault, it):
+        ...     print(f"retry after a {fault} fault at step {it}")
+        >>> progress = BlockProgress(index=0)
+        >>> rollback = Rollback(progress, [progress], 1, lr_factor=0.5, give_up=give_up, report=report)
+        >>> rollback.snapshot()
+        >>> progress.count(2.0, 0.1)
+        >>> rollback.recover("loss", 1)
+        retry after a loss fault at step 1
+        >>> progress.iter, progress.losses, progress.lr_scale, progress.retries
+        (0, [], 0.5, 1)
+        >>> rollback.recover("gradient", 1)
+        Traceback (most recent call last):
+        RuntimeError: gradient at step 1
+    """
 
     progress: BlockProgress
     parts: list[Stateful]
@@ -261,7 +333,19 @@ class Rollback:
 @dataclass
 class Budget(Hook):
     """Stops once ``max_batches`` steps or ``max_seconds`` seconds (0: no limit)
-    are spent, counted over every loop this object is passed to."""
+    are spent, counted over every loop this object is passed to.
+
+    Example:
+        >>> from jkoflow.loop import Budget, Step
+        >>> budget = Budget(max_batches=2)
+        >>> for it in range(2):
+        ...     print(budget.done())
+        ...     budget.after_step(Step(it, 0.1, {"loss": 1.0}, seconds=0.25))
+        False
+        False
+        >>> budget.done(), budget.batches, budget.seconds
+        (True, 2, 0.5)
+    """
 
     max_batches: int = 0
     max_seconds: float = 0.0
@@ -287,7 +371,21 @@ class Budget(Hook):
 class Interrupt(Hook):
     """The Ctrl-C vote: after every step the ranks agree on the step's time and
     on whether any of them was asked to stop (``interrupted``, set by a signal
-    handler); a stop then reaches every rank after the same step."""
+    handler); a stop then reaches every rank after the same step.
+
+    Example:
+        >>> from jkoflow import distributed
+        >>> from jkoflow.loop import Interrupt, Step
+        >>> hook = Interrupt(distributed.current())  # one process: the vote is its own
+        >>> step = Step(0, 0.1, {"loss": 1.0}, seconds=0.25)
+        >>> hook.measure(step)
+        >>> step.stop
+        False
+        >>> hook.interrupted = True  # what the SIGINT handler does
+        >>> hook.measure(step)
+        >>> step.stop, step.seconds
+        (True, 0.25)
+    """
 
     def __init__(self, group: distributed.Group) -> None:
         self.group = group
@@ -301,7 +399,18 @@ class Interrupt(Hook):
 
 @dataclass
 class Records(Hook):
-    """Appends ``make(step)`` to ``records`` after every step and passes it to ``callback``."""
+    """Appends ``make(step)`` to ``records`` after every step and passes it to ``callback``.
+
+    Example:
+        >>> from jkoflow.loop import Records, Step
+        >>> records = []
+        >>> make = lambda step: {"iter": step.it, "loss": step.terms["loss"]}
+        >>> hook = Records(records, make, callback=print)
+        >>> hook.after_step(Step(3, 0.1, {"loss": 1.5}, seconds=0.2))
+        {'iter': 3, 'loss': 1.5}
+        >>> records
+        [{'iter': 3, 'loss': 1.5}]
+    """
 
     records: list[dict[str, Any]]
     make: Callable[[Step], dict[str, Any]]
@@ -316,7 +425,20 @@ class Records(Hook):
 
 class Bar(Hook):
     """A tqdm progress bar over the steps; ``postfix(step)`` may return the
-    bar's postfix dict for a step."""
+    bar's postfix dict for a step.
+
+    Example:
+        >>> from jkoflow.checkpoint import BlockProgress
+        >>> from jkoflow.loop import Bar, Step
+        >>> progress = BlockProgress(index=0, iter=1)
+        >>> shown = lambda step: {"loss": f"{step.terms['loss']:.2f}"}
+        >>> bar = Bar(progress, iters=4, desc="block 1", enabled=True, postfix=shown, leave=False)
+        >>> progress.count(1.0, 0.1)
+        >>> bar.after_step(Step(1, 0.1, {"loss": 1.0}, seconds=0.1))
+        >>> bar.bar.n, bar.bar.total, bar.bar.postfix
+        (2, 4, 'loss=1.00')
+        >>> bar.close()
+    """
 
     def __init__(
         self,
@@ -354,7 +476,30 @@ class Bar(Hook):
 class Checkpoints(Hook):
     """Every ``every`` steps (0: never) inside the loop, and after a step the
     ranks agreed to stop at, takes a rollback snapshot and calls ``save``; a
-    stop then raises KeyboardInterrupt."""
+    stop then raises KeyboardInterrupt.
+
+    Example:
+        >>> from jkoflow.checkpoint import BlockProgress
+        >>> from jkoflow.loop import Checkpoints, Rollback, Step
+        >>> def give_up(fault, it):
+        ...     raise RuntimeError(fault)
+        >>> progress, saved = BlockProgress(index=0), []
+        >>> rollback = Rollback(progress, [progress], 0, 0.5, give_up=give_up, report=print)
+        >>> save = lambda: saved.append(progress.iter)
+        >>> hook = Checkpoints(progress, iters=6, every=2, rollback=rollback, save=save)
+        >>> for it in range(6):
+        ...     progress.count(1.0, 0.1)
+        ...     hook.after_step(Step(it, 0.1, {"loss": 1.0}, seconds=0.1))
+        >>> saved  # every 2 steps, but not after the last one (6 = iters)
+        [2, 4]
+        >>> try:  # the ranks agreed to stop after this step
+        ...     hook.after_step(Step(6, 0.1, {"loss": 1.0}, seconds=0.1, stop=True))
+        ... except KeyboardInterrupt:
+        ...     print("saved, then stopped")
+        saved, then stopped
+        >>> saved
+        [2, 4, 6]
+    """
 
     def __init__(
         self, progress: BlockProgress, iters: int, every: int, rollback: Rollback, save: Callable[[], None]

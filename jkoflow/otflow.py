@@ -74,6 +74,19 @@ class OTFlowConfig(TrainingConfig):
     RK4 steps and the best weights are kept; after ``patience`` checks
     without improvement the lr is multiplied by ``lr_drop`` (at most
     ``max_drops`` times, then training stops).
+
+    Example:
+        >>> from jkoflow.otflow import OTFlowConfig
+        >>> config = OTFlowConfig(width=16, iters=200, alpha_c=5.0)
+        >>> config.train_steps, config.eval_steps, config.alpha_r, config.to_dict()["alpha_c"]
+        (8, 16, 1.0, 5.0)
+        >>> OTFlowConfig(block="mlp")  # the HJB term needs ∂tΦ
+        Traceback (most recent call last):
+        jkoflow.errors.InputError: alpha_r > 0 needs a potential block (∂tΦ); 'mlp' is not one
+
+    References:
+        | OT-Flow: Fast and Accurate Continuous Normalizing Flows via Optimal Transport (Onken et al., 2021)
+        | https://arxiv.org/abs/2006.00104
     """
 
     iters: int = 3000
@@ -112,6 +125,17 @@ class OTFlowHistory:
             ``seconds`` (training time so far), ``val_nll``, ``lr``.
         best: The validation record whose weights were kept.
         stopped_by: ``"iters"``, ``"max_seconds"`` or ``"lr_drops"``.
+
+    Example:
+        >>> import json
+        >>> from jkoflow.otflow import OTFlowHistory
+        >>> history = OTFlowHistory({"iters": 2}, stopped_by="iters")
+        >>> history.iterations.append({"iter": 0, "loss": 3.0, "seconds": 0.25})
+        >>> history.iterations.append({"iter": 1, "loss": 2.5, "seconds": 0.5})
+        >>> history.n_batches, history.train_seconds
+        (2, 0.5)
+        >>> json.loads(json.dumps(history.to_dict()))["stopped_by"]
+        'iters'
     """
 
     config: dict[str, Any]

@@ -28,6 +28,14 @@ class Placement:
     dtype: The floating-point dtype of the blocks and samples.
     store: Where cached samples live (:mod:`jkoflow.cache`).
     group: This process's place among the ranks.
+
+    Example:
+        >>> from jkoflow.placement import resolve_placement
+        >>> place = resolve_placement(jkoflow.JKOConfig(device="cpu", dtype="float64"))
+        >>> place.device, place.dtype, place.store, place.group.size
+        (device(type='cpu'), torch.float64, device(type='cpu'), 1)
+        >>> torch.ones(3).to(place.like).dtype, place.keep(torch.ones(3)).device
+        (torch.float64, device(type='cpu'))
     """
 
     device: torch.device

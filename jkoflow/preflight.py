@@ -90,6 +90,30 @@ class Resume:
         state: The trainer's saved state.
         finalize: The state is finished and ``config`` adds no block, but the
             run's final files are missing: write them from the state, train nothing.
+
+    Example:
+        >>> import dataclasses, tempfile
+        >>> from pathlib import Path
+        >>> from jkoflow.checkpoint import TrainerState, data_fingerprint, save_state
+        >>> from jkoflow.preflight import check_resume
+        >>> data = (torch.randn(40, 2), torch.randn(10, 2), torch.randn(10, 2))
+        >>> config = jkoflow.JKOConfig(width=4, max_blocks=1)
+        >>> flow = jkoflow.Flow(2, [config.make_block(2, 0)], steps=2)
+        >>> state = TrainerState(  # a finished one-block run
+        ...     config=config.to_dict(), history={"stages": []}, flow=flow, parents=None, first=0,
+        ...     batches=5, seconds=0.1, finished=True, block=None,
+        ...     data={name: data_fingerprint(x) for name, x in zip(("train", "val", "test"), data)},
+        ...     generator=torch.Generator().get_state(), torch_rng=torch.get_rng_state(),
+        ... )
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     trainer = Path(tmp) / "trainer.pt"
+        ...     save_state(state, trainer)
+        ...     more = check_resume(trainer, (), dataclasses.replace(config, max_blocks=2), data)
+        ...     final = check_resume(trainer, (Path(tmp) / "flow.pt",), config, data)
+        >>> more.finalize, more.config.max_blocks, len(more.state.flow)  # train a second block
+        (False, 2, 1)
+        >>> final.finalize  # finished, no new block, flow.pt missing: write the final files
+        True
     """
 
     config: JKOConfig

@@ -79,6 +79,21 @@ class BlockRecord(_Readable):
         test_nll: Test NLL, when a test set was given.
         parent, slice: For a time slice of a refinement stage, the index of
             the block it was cut from (among the trained ones) and which slice.
+
+    Example:
+        >>> from jkoflow.records import BlockRecord
+        >>> record = BlockRecord(index=0, h=1.0, movement=0.8, ter=0.05, val_nll=2.9, n_batches=5,
+        ...                      seconds=0.1, loss_first=3.2, loss_last=2.95, retries=0)
+        >>> record["h"], record.get("test_nll"), "test_nll" in record
+        (1.0, None, False)
+        >>> old = {**record.to_dict(), "w2": 0.8}
+        >>> del old["movement"]  # a record written before the movement was called so
+        >>> BlockRecord.from_dict(old) == record
+        True
+
+    References:
+        | Normalizing flow neural networks by JKO scheme (Xu et al., 2023)
+        | https://arxiv.org/abs/2212.14424
     """
 
     index: int
@@ -124,6 +139,17 @@ class StageRecord(_Readable):
         spread: max_k |W_k − W̄|/W̄ over ``blocks``.
         val_nll, test_nll: The NLL after the stage's last block.
         n_batches, seconds: Spent by the stage.
+
+    Example:
+        >>> from jkoflow.records import BlockRecord, StageRecord
+        >>> def block(k, movement):
+        ...     return BlockRecord(k, 1.0, movement, 0.1, 3.0 - k, 5, 0.5, 3.5, 3.0, 0)
+        >>> stage = StageRecord("initial", "initial", [block(0, 1.0), block(1, 2.0), block(2, 3.0)])
+        >>> stage.close()
+        >>> stage.complete, stage.spread, stage.n_batches, stage.seconds, stage.val_nll
+        (True, 0.5, 15, 1.5, 1.0)
+        >>> StageRecord.from_dict(stage.to_dict()) == stage
+        True
     """
 
     name: str
@@ -175,6 +201,19 @@ class JKOHistory:
             ``"max_blocks"`` or ``"budget"``.
         faults: One dict per non-finite loss or gradient: ``stage``, ``block``,
             ``iter``, ``fault``, ``resumed_at``, ``lr_scale``.
+
+    Example:
+        >>> import json
+        >>> from jkoflow.records import BlockRecord, JKOHistory, StageRecord
+        >>> first = BlockRecord(0, 1.0, 0.9, 0.2, 2.8, 5, 0.5, 3.5, 3.0, 0)
+        >>> history = JKOHistory({"h0": 1.0}, [StageRecord("initial", "initial", [first], complete=True),
+        ...                                     StageRecord("refine 1", "refine", factor=2)])
+        >>> history.count("refine"), history.count("refine", complete=True), history.open_stage().name
+        (1, 0, 'refine 1')
+        >>> [b.index for b in history.blocks], history.n_batches  # the open stage has no blocks yet
+        ([], 0)
+        >>> JKOHistory.from_dict(json.loads(json.dumps(history.to_dict()))) == history
+        True
     """
 
     config: dict[str, Any]

@@ -67,7 +67,21 @@ __all__ = [
 
 
 class RunFiles:
-    """Paths of the files in a run directory."""
+    """Paths of the files in a run directory.
+
+    Example:
+        >>> import tempfile
+        >>> from jkoflow.run import RunFiles
+        >>> files = RunFiles("runs/8gaussians")
+        >>> files.flow.as_posix(), files.trainer.name, files.log.name
+        ('runs/8gaussians/flow.pt', 'trainer.pt', 'log.csv')
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     try:
+        ...         RunFiles(tmp).require()
+        ...     except jkoflow.InputError as error:
+        ...         print(str(error).endswith("is not a finished jkoflow run: config.json is missing"))
+        True
+    """
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -189,7 +203,21 @@ class IterationLog:
 
     The lines go to a temporary file next to ``path`` that :meth:`close`
     publishes over ``path`` atomically (also when training failed), so that the
-    log is never half-written and two processes never share a file."""
+    log is never half-written and two processes never share a file.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from jkoflow.run import IterationLog
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = Path(tmp) / "log.csv"
+        ...     with IterationLog(path, ("iter", "loss"), [{"iter": 0, "loss": 2.0}]) as log:
+        ...         log({"iter": 1, "loss": 1.5, "lr": 0.05})  # fields not in the header are left out
+        ...         written_early = path.exists()
+        ...     lines = path.read_text().splitlines()
+        >>> written_early, lines
+        (False, ['iter,loss', '0,2.0', '1,1.5'])
+    """
 
     JKO_FIELDS = ("stage", "block", "iter", "loss", "kl", "transport", "lr", "seconds")
     OTFLOW_FIELDS = ("iter", "n_batches", "seconds", "val_nll", "lr")

@@ -49,7 +49,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Slice:
-    """A block that starts as time slice ``piece`` of ``count`` of parent ``parent``."""
+    """A block that starts as time slice ``piece`` of ``count`` of parent ``parent``.
+
+    Example:
+        >>> from jkoflow.records import BlockRecord, JKOHistory, StageRecord
+        >>> from jkoflow.stages import STAGES, PlanContext, Slice
+        >>> parent = BlockRecord(0, 2.0, 1.0, 0.1, 2.5, 5, 0.5, 3.0, 2.6, 0)
+        >>> history = JKOHistory({}, [StageRecord("initial", "initial", [parent], complete=True),
+        ...                           StageRecord("refine 1", "refine", factor=2)])
+        >>> plan = STAGES["refine"](history, history.stages[1], PlanContext(jkoflow.JKOConfig(), first=0))
+        >>> [b.start for b in plan.blocks]  # block 0 cut into two halves
+        [Slice(parent=0, count=2, piece=0), Slice(parent=0, count=2, piece=1)]
+    """
 
     parent: int
     count: int
@@ -66,6 +77,22 @@ class BlockPlan:
         iters: Adam steps.
         start: ``"new"`` (a freshly initialised block k), ``"keep"`` (the
             flow's block k, from its weights) or a :class:`Slice`.
+
+    Example:
+        >>> from jkoflow.records import BlockRecord, JKOHistory, StageRecord
+        >>> from jkoflow.stages import STAGES, PlanContext
+        >>> config = jkoflow.JKOConfig(stage_iters=7, reparam_eta=1.0)
+        >>> done = [BlockRecord(k, 1.0, s, 0.1, 2.5, 5, 0.5, 3.0, 2.6, 0) for k, s in enumerate([1.0, 3.0])]
+        >>> history = JKOHistory({}, [StageRecord("initial", "initial", done, complete=True),
+        ...                           StageRecord("reparam 1", "reparam")])
+        >>> for block in STAGES["reparam"](history, history.stages[1], PlanContext(config, first=0)).blocks:
+        ...     print(block)  # h*_k = h_k·S̄/S_k: the block that moved less gets the larger step
+        BlockPlan(index=0, h=2.0, iters=7, start='keep')
+        BlockPlan(index=1, h=0.6666666666666666, iters=7, start='keep')
+
+    References:
+        | Normalizing flow neural networks by JKO scheme (Xu et al., 2023)
+        | https://arxiv.org/abs/2212.14424
     """
 
     index: int
@@ -77,7 +104,23 @@ class BlockPlan:
 @dataclass(frozen=True)
 class Plan:
     """The blocks a stage still trains, or none and ``stopped_by``; ``complete``
-    when they are all of the stage's remaining blocks (not one at a time)."""
+    when they are all of the stage's remaining blocks (not one at a time).
+
+    Example:
+        >>> from jkoflow.records import BlockRecord, JKOHistory, StageRecord
+        >>> from jkoflow.stages import STAGES, PlanContext
+        >>> config = jkoflow.JKOConfig(h0=1.0, rho=2.0, iters=5, ter_eps=0.01)
+        >>> history = JKOHistory({}, [StageRecord("initial", "initial")])
+        >>> stage, context = history.stages[0], PlanContext(config, first=0)
+        >>> STAGES["initial"](history, stage, context)  # one new block at a time
+        Plan(blocks=[BlockPlan(index=0, h=1.0, iters=5, start='new')], stopped_by='', complete=False)
+        >>> stage.blocks.append(BlockRecord(0, 1.0, 0.9, 0.5, 2.5, 5, 0.5, 3.0, 2.6, 0))
+        >>> STAGES["initial"](history, stage, context).blocks  # h_1 = h0·ρ
+        [BlockPlan(index=1, h=2.0, iters=5, start='new')]
+        >>> stage.blocks.append(BlockRecord(1, 2.0, 0.1, 0.001, 2.4, 5, 0.5, 2.6, 2.5, 0))
+        >>> STAGES["initial"](history, stage, context).stopped_by  # Ter(1) < ε
+        'ter'
+    """
 
     blocks: list[BlockPlan] = field(default_factory=list)
     stopped_by: str = ""
@@ -87,7 +130,20 @@ class Plan:
 @dataclass(frozen=True)
 class PlanContext:
     """What a plan may read besides the records: the config, the index of the
-    first block this run trains, and whether the budget is spent."""
+    first block this run trains, and whether the budget is spent.
+
+    Example:
+        >>> from jkoflow.records import BlockRecord, JKOHistory, StageRecord
+        >>> from jkoflow.stages import STAGES, PlanContext
+        >>> config = jkoflow.JKOConfig(h0=1.0, rho=2.0, iters=5)
+        >>> record = BlockRecord(3, 1.0, 0.9, 0.5, 2.5, 5, 0.5, 3.0, 2.6, 0)
+        >>> history = JKOHistory({}, [StageRecord("extend 1", "extend", [record])])
+        >>> stage, plan = history.stages[0], STAGES["extend"]
+        >>> plan(history, stage, PlanContext(config, first=3)).blocks[0].index  # this stage trained block 3
+        4
+        >>> plan(history, stage, PlanContext(config, first=3, out_of_budget=True)).stopped_by
+        'budget'
+    """
 
     config: JKOConfig
     first: int

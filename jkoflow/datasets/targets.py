@@ -191,6 +191,18 @@ class PowerLaw:
 
         log p(x) = log t_ν₀(x₁) + Σ_{i=2..k} log N(x_i; c_i·sign(x₁)|x₁|^{p_i}, σ_i²)
                    + Σ_{j>k} [log t_{ν_j}(x_j / s_j) − log s_j].
+
+    Example:
+        >>> import numpy as np
+        >>> from jkoflow.datasets.targets import PowerLaw
+        >>> target = PowerLaw.random(d=7, k=4, seed=0)  # the ``powerlaw:d=7,k=4,seed=0`` data
+        >>> target.dim, target.sample(5, seed=1).shape
+        (7, (5, 7))
+        >>> p, c, sigma, s, nu = ([v] for v in (1.0, 2.0, 0.5, 1.0, 5.0))
+        >>> one = PowerLaw(np.array(p), np.array(c), np.array(sigma), np.array(s), np.array(nu))
+        >>> # log t_4(1) + log N(2; 2·1, 0.5²) + log t_5(0)
+        >>> one.log_prob(np.array([[1.0, 2.0, 0.0]])).round(6)
+        array([-2.733099])
     """
 
     exponents: np.ndarray
