@@ -201,3 +201,24 @@ def test_peers_smoke(tmp_path):
     assert sorted({r["method"] for r in curves}) == sorted(methods)
     assert all(sum(r["method"] == m for r in curves) == 2 for m in methods)
     assert _png(tmp_path / "peers.png")
+
+
+def test_jko_study_rows_chain_and_match_the_entropy(tmp_path):
+    """The study's per-block rows: each block starts where the one before it
+    ended, KL left = NLL − H for a known density, and the summary is the last
+    stage's test NLL."""
+    import csv
+
+    from benchmarks.jko_study import study
+    from jkoflow import datasets
+
+    base = {"width": 8, "iters": 8, "batch_size": 128, "max_blocks": 2, "ter_eps": 1e-9}
+    (summary,) = study("8gaussians", [0], ["default"], 2000, tmp_path, base=base)
+    rows = list(csv.DictReader((tmp_path / "study_blocks.csv").open()))
+    assert [r["block"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["nll_before"]) == pytest.approx(float(rows[0]["nll_after"]), rel=1e-12)
+    entropy = -datasets.target("8gaussians").log_prob(datasets.load_split("8gaussians", n=2000)[2]).mean()
+    for r in rows:
+        assert float(r["kl_left_after"]) == pytest.approx(float(r["nll_after"]) - entropy, rel=1e-9)
+    assert summary["test_nll"] == pytest.approx(float(rows[-1]["nll_after"]), rel=1e-12)
+    assert "| default |" in (tmp_path / "study.md").read_text()
