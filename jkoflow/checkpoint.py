@@ -31,9 +31,11 @@ from .serialization import read_payload, write_payload
 __all__ = ["BlockProgress", "TrainerState", "data_fingerprint", "load_state", "save_state"]
 
 FORMAT = "jkoflow.trainer"
-FORMAT_VERSION = 2
-"""Version 2 calls the per-block movement ``movement`` (version 1: ``w2``) and
-may hold an OT-Flow run (``trainer`` and ``extra``); version 1 files still read."""
+FORMAT_VERSION = 3
+"""Version 3 adds the best candidate flow so far (``best``, the run's
+selection); version 2 calls the per-block movement ``movement`` (version 1:
+``w2``) and may hold an OT-Flow run (``trainer`` and ``extra``). Files of
+versions 1 and 2 still read (without a best flow)."""
 OLDEST_VERSION = 1
 
 
@@ -101,6 +103,8 @@ class TrainerState:
         trainer: ``"jko"`` or ``"otflow"``.
         extra: Trainer-specific state (tensors, numbers, lists, dicts), e.g.
             OT-Flow's best weights and learning-rate drops.
+        best: The best candidate flow so far by validation NLL (the history's
+            ``selected``); None before the first candidate and in files of version < 3.
     """
 
     config: dict[str, Any]
@@ -117,6 +121,7 @@ class TrainerState:
     torch_rng: Tensor
     trainer: str = "jko"
     extra: dict[str, Any] = field(default_factory=dict)
+    best: Flow | None = None
 
 
 def data_fingerprint(x: Tensor) -> list[float]:
@@ -151,6 +156,7 @@ def save_state(state: TrainerState, path: str | os.PathLike) -> None:
         "generator": state.generator,
         "torch_rng": state.torch_rng,
         "extra": state.extra,
+        "best": state.best.to_payload() if state.best is not None else None,
     }
     write_payload(payload, path)
 
@@ -186,4 +192,5 @@ def load_state(path: str | os.PathLike, trainer: str = "jko") -> TrainerState:
         torch_rng=payload["torch_rng"],
         trainer=found,
         extra=payload.get("extra") or {},
+        best=Flow.from_payload(payload["best"], path) if payload.get("best") is not None else None,
     )

@@ -38,7 +38,7 @@ from .errors import TrainingError
 from .loop import Bar, Checkpoints, Records, Rollback, Step, optimize, snapshot_parts
 from .objectives import JKOLoss, jko_loss
 from .placement import Placement
-from .records import BlockRecord, JKOHistory, StageRecord, movement_spread
+from .records import GROWING, BlockRecord, JKOHistory, StageRecord, movement_spread
 from .samples import Pushed
 from .stages import BlockPlan, reparametrize
 
@@ -218,6 +218,8 @@ def fit_block(
         )
         record.step_doubling_change = samples.step_doubling_change(block, cached["val"], moved["val"])
     stage.blocks.append(record)
+    if stage.kind in GROWING:  # each prefix of a growing stage is a candidate
+        trainer.consider(stage, record)
     trainer.block = None
     trainer.save()
     if trainer.progress:
