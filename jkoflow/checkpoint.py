@@ -52,6 +52,8 @@ class BlockProgress:
         retries: Retries used on this block.
         seconds: Optimisation seconds spent on this block.
         optimizer: The Adam state dict (None before the first step).
+        train_steps, iters: RK4 steps and Adam steps of the current training
+            phase when the step control has extended it (0: the plan's).
     """
 
     index: int
@@ -61,6 +63,8 @@ class BlockProgress:
     retries: int = 0
     seconds: float = 0.0
     optimizer: dict[str, Any] | None = None
+    train_steps: int = 0
+    iters: int = 0
 
     def count(self, loss: float, seconds: float) -> None:
         """Counts one finished step of ``seconds`` with this ``loss``."""

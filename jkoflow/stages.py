@@ -66,12 +66,14 @@ class BlockPlan:
         iters: Adam steps.
         start: ``"new"`` (a freshly initialised block k), ``"keep"`` (the
             flow's block k, from its weights) or a :class:`Slice`.
+        train_steps: RK4 steps in training (None: the config's).
     """
 
     index: int
     h: float | None
     iters: int
     start: str | Slice = "new"
+    train_steps: int | None = None
 
 
 @dataclass(frozen=True)
