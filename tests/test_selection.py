@@ -18,6 +18,8 @@ from jkoflow.records import Selection
 from jkoflow.run import load_data, run_jko
 from jkoflow.stages import REPARAM_RULES
 
+from .test_trainer import _same_weights
+
 CONFIG = JKOConfig(
     width=8, iters=30, batch_size=128, train_steps=2, eval_steps=4, max_blocks=2, ter_eps=1e-9,
     reparam_iters=1, reparam_tol=1e-9, reparam_eta=1.0, h_min=1e-4,
@@ -35,11 +37,6 @@ def shrink(monkeypatch):
 @pytest.fixture(scope="module")
 def data():
     return datasets.load_split("8gaussians", n=2000, seed=1)
-
-
-def _same_weights(a: Flow, b: Flow) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_a_worse_later_stage_returns_the_earlier_flow(data, shrink):

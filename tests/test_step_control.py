@@ -7,10 +7,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
-from jkoflow import Flow, JKOConfig, JKOTrainer, datasets
+from jkoflow import JKOConfig, JKOTrainer, datasets
 from jkoflow.metrics import step_doubling_change
+
+from .test_trainer import _same_weights
 
 # one train step and two eval steps per block, a large h and lr: the block
 # fits the coarse map (relative inversion error 1.1e-4 > 1e-4 at 1 train step)
@@ -23,11 +24,6 @@ CONFIG = JKOConfig(
 @pytest.fixture(scope="module")
 def data():
     return datasets.load_split("checkerboard", n=3000, seed=1)
-
-
-def _same_weights(a: Flow, b: Flow) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_the_control_acts_on_a_block_that_fits_its_steps(data):
