@@ -287,6 +287,9 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
                     "val_nll",
                     "test_nll",
                     "step_doubling_change",
+                    "inversion_error",
+                    "train_steps",
+                    "step_doublings",
                 )
                 if key in b
             }
