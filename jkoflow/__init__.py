@@ -41,6 +41,7 @@ _ATTRIBUTES = {
     "train_otflow": ".otflow",
     "BlockRecord": ".records",
     "JKOHistory": ".records",
+    "Selection": ".records",
     "StageRecord": ".records",
     "JKOTrainer": ".trainer",
     "train_jko": ".trainer",

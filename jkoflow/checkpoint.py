@@ -31,9 +31,11 @@ from .serialization import read_payload, write_payload
 __all__ = ["BlockProgress", "TrainerState", "data_fingerprint", "load_state", "save_state"]
 
 FORMAT = "jkoflow.trainer"
-FORMAT_VERSION = 2
-"""Version 2 calls the per-block movement ``movement`` (version 1: ``w2``) and
-may hold an OT-Flow run (``trainer`` and ``extra``); version 1 files still read."""
+FORMAT_VERSION = 3
+"""Version 3 adds the best candidate flow so far (``best``, the run's
+selection); version 2 calls the per-block movement ``movement`` (version 1:
+``w2``) and may hold an OT-Flow run (``trainer`` and ``extra``). Files of
+versions 1 and 2 still read (without a best flow)."""
 OLDEST_VERSION = 1
 
 
@@ -50,6 +52,8 @@ class BlockProgress:
         retries: Retries used on this block.
         seconds: Optimisation seconds spent on this block.
         optimizer: The Adam state dict (None before the first step).
+        train_steps, iters: RK4 steps and Adam steps of the current training
+            phase when the step control has extended it (0: the plan's).
 
     Example:
         >>> from jkoflow.checkpoint import BlockProgress
@@ -59,8 +63,9 @@ class BlockProgress:
         >>> saved = progress.snapshot()
         >>> progress.count(9.0, 1.0)
         >>> progress.restore(saved)  # a rollback drops the last step
-        >>> progress.numbers()
-        {'index': 2, 'iter': 2, 'losses': [1.5, 1.25], 'lr_scale': 1.0, 'retries': 0, 'seconds': 0.5}
+        >>> numbers = progress.numbers()
+        >>> numbers["iter"], numbers["losses"], numbers["seconds"], numbers["retries"]
+        (2, [1.5, 1.25], 0.5, 0)
     """
 
     index: int
@@ -70,6 +75,8 @@ class BlockProgress:
     retries: int = 0
     seconds: float = 0.0
     optimizer: dict[str, Any] | None = None
+    train_steps: int = 0
+    iters: int = 0
 
     def count(self, loss: float, seconds: float) -> None:
         """Counts one finished step of ``seconds`` with this ``loss``."""
@@ -112,6 +119,8 @@ class TrainerState:
         trainer: ``"jko"`` or ``"otflow"``.
         extra: Trainer-specific state (tensors, numbers, lists, dicts), e.g.
             OT-Flow's best weights and learning-rate drops.
+        best: The best candidate flow so far by validation NLL (the history's
+            ``selected``); None before the first candidate and in files of version < 3.
 
     Example:
         >>> import os, tempfile
@@ -148,6 +157,7 @@ class TrainerState:
     torch_rng: Tensor
     trainer: str = "jko"
     extra: dict[str, Any] = field(default_factory=dict)
+    best: Flow | None = None
 
 
 def data_fingerprint(x: Tensor) -> list[float]:
@@ -182,6 +192,7 @@ def save_state(state: TrainerState, path: str | os.PathLike) -> None:
         "generator": state.generator,
         "torch_rng": state.torch_rng,
         "extra": state.extra,
+        "best": state.best.to_payload() if state.best is not None else None,
     }
     write_payload(payload, path)
 
@@ -217,4 +228,5 @@ def load_state(path: str | os.PathLike, trainer: str = "jko") -> TrainerState:
         torch_rng=payload["torch_rng"],
         trainer=found,
         extra=payload.get("extra") or {},
+        best=Flow.from_payload(payload["best"], path) if payload.get("best") is not None else None,
     )

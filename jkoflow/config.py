@@ -284,7 +284,12 @@ class JKOConfig(TrainingConfig):
     ``block`` is not used; e.g. ``("otflow", "otflow", "mlp")``.
 
     Integration: ``train_steps`` RK4 steps per block in training,
-    ``eval_steps`` for pushing, NLL and sampling.
+    ``eval_steps`` for pushing, NLL and sampling. Step control
+    (docs/design.md, "Integration"): after a block is trained, if its
+    step-doubling change is at least ``step_tol`` nats or its relative
+    inversion error at least ``inversion_tol``, it trains on with its train
+    steps doubled for a quarter of its Adam steps more, at most
+    ``step_doublings`` times (0: only measure).
 
     Stages after the initial pass (docs/design.md, "The scheduler and its stages";
     :mod:`jkoflow.stages`): up to ``reparam_iters``
@@ -345,6 +350,9 @@ class JKOConfig(TrainingConfig):
     stage_iters: int = 0
     max_batches: int = 0
     cache_device: str = "auto"
+    step_tol: float = 1e-3
+    inversion_tol: float = 1e-4
+    step_doublings: int = 2
 
     def __post_init__(self) -> None:
         for name in ("refine", "block_types"):  # JSON gives lists
@@ -353,9 +361,10 @@ class JKOConfig(TrainingConfig):
         if not isinstance(self.block_types, tuple) or not all(isinstance(b, str) for b in self.block_types):
             raise InputError(f"block_types must be a list of block type names, got {self.block_types!r}")
         super().__post_init__()
-        check_positive(self, ("h0", "rho", "h_max", "ter_eps", "reparam_tol", "h_min"), float)
+        positive = ("h0", "rho", "h_max", "ter_eps", "reparam_tol", "h_min", "step_tol", "inversion_tol")
+        check_positive(self, positive, float)
         check_positive(self, ("max_blocks",), int)
-        _check_count(self, ("reparam_iters", "stage_iters", "max_batches"))
+        _check_count(self, ("reparam_iters", "stage_iters", "max_batches", "step_doublings"))
         if not 0 <= self.lr_final_factor <= 1:
             raise InputError(f"lr_final_factor must be in [0, 1], got {self.lr_final_factor!r}")
         if self.h_min > self.h_max:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BlockRecord", "JKOHistory", "StageRecord", "movement_spread"]
+__all__ = ["BlockRecord", "JKOHistory", "Selection", "StageRecord", "movement_spread"]
 
 
 class _Readable:
@@ -76,6 +76,11 @@ class BlockRecord(_Readable):
         retries: Rollbacks after non-finite losses or gradients.
         step_doubling_change: Validation NLL with the block at 2·steps RK4
             steps minus that at steps (its integration error).
+        inversion_error: E‖x − T_k⁻¹(T_k(x))‖ / sqrt(E‖x‖²/d) on the same
+            validation rows: the block's round-trip error relative to the
+            per-coordinate scale of its input.
+        train_steps: RK4 steps per block its last training phase used.
+        step_doublings: How often the step control doubled them (0: never acted).
         test_nll: Test NLL, when a test set was given.
         parent, slice: For a time slice of a refinement stage, the index of
             the block it was cut from (among the trained ones) and which slice.
@@ -110,10 +115,13 @@ class BlockRecord(_Readable):
     test_nll: float | None = None
     parent: int | None = None
     slice: int | None = None
+    inversion_error: float | None = None
+    train_steps: int | None = None
+    step_doublings: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (``test_nll``, ``parent``, ``slice`` only when set)."""
-        return _compact(self, ("test_nll", "parent", "slice"))
+        """A JSON-able dict (the optional fields only when set)."""
+        return _compact(self, ("test_nll", "parent", "slice", "inversion_error", "train_steps"))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BlockRecord:
@@ -188,6 +196,43 @@ class StageRecord(_Readable):
         return cls(**known)
 
 
+GROWING = ("initial", "extend")
+"""Stage kinds that add blocks one at a time: each prefix of their flow is a candidate."""
+
+
+@dataclass(frozen=True)
+class Selection(_Readable):
+    """The candidate flow a run returns: the best one by validation NLL.
+
+    Candidates are the flow after every block of a growing stage (``initial``,
+    ``extend``: the first ``n_blocks`` blocks) and the whole flow at the end
+    of every other stage; a later candidate replaces the kept one only when
+    its validation NLL is strictly lower, so more budget never returns a
+    worse flow (by validation NLL).
+
+    Attributes:
+        stage: Name of the stage it came from.
+        n_blocks: Its number of blocks.
+        val_nll, test_nll: Its validation and test NLL (test: None without a test set).
+
+    Example:
+        >>> Selection("initial", 2, 3.6, 3.61).to_dict()
+        {'stage': 'initial', 'n_blocks': 2, 'val_nll': 3.6, 'test_nll': 3.61}
+    """
+
+    stage: str
+    n_blocks: int
+    val_nll: float
+    test_nll: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Selection:
+        return cls(**data)
+
+
 @dataclass
 class JKOHistory:
     """What a JKO run did, JSON-able via :meth:`to_dict`.
@@ -201,6 +246,7 @@ class JKOHistory:
             ``"max_blocks"`` or ``"budget"``.
         faults: One dict per non-finite loss or gradient: ``stage``, ``block``,
             ``iter``, ``fault``, ``resumed_at``, ``lr_scale``.
+        selected: The best candidate so far by validation NLL (:class:`Selection`).
 
     Example:
         >>> import json
@@ -221,6 +267,7 @@ class JKOHistory:
     iterations: list[dict[str, Any]] = field(default_factory=list)
     stopped_by: str = ""
     faults: list[dict[str, Any]] = field(default_factory=list)
+    selected: Selection | None = None
 
     @property
     def blocks(self) -> list[BlockRecord]:
@@ -253,6 +300,7 @@ class JKOHistory:
             "iterations": self.iterations,
             "stopped_by": self.stopped_by,
             "faults": self.faults,
+            "selected": self.selected.to_dict() if self.selected else None,
         }
 
     @classmethod
@@ -264,4 +312,23 @@ class JKOHistory:
             data["iterations"],
             data.get("stopped_by", ""),
             data.get("faults", []),
+            Selection.from_dict(data["selected"]) if data.get("selected") else None,
         )
+
+    def selected_blocks(self) -> list[BlockRecord]:
+        """Per-block records of the selected flow (of the final one without a
+        selection): the selected stage's blocks before ``n_blocks``, after the
+        records of the stage before for blocks that stage did not train."""
+        if self.selected is None:
+            return self.blocks
+        at = [s.name for s in self.stages].index(self.selected.stage)
+        return _blocks_of(self.stages[: at + 1], self.selected.n_blocks)
+
+
+def _blocks_of(stages: list[StageRecord], n_blocks: int) -> list[BlockRecord]:
+    """Records of blocks 0 … ``n_blocks``−1 of the flow at the end of ``stages[-1]``."""
+    records = [b for b in stages[-1].blocks if b.index < n_blocks]
+    lowest = min((b.index for b in records), default=n_blocks)
+    if lowest > 0 and len(stages) > 1:
+        records = _blocks_of(stages[:-1], lowest) + records
+    return records

@@ -6,7 +6,8 @@ leaves on disk and how commands read it back.
     .jkoflow.lock   locked (flock) while a process trains in the directory
 
     config.json     data and trainer configs, library versions, threads
-    flow.pt         the final flow (weights + JSON config, no pickled code)
+    flow.pt         the flow the run returns: the best candidate by validation NLL
+                    (weights + JSON config, no pickled code)
     flow-*.pt       the flow after each stage (flow-initial.pt, flow-reparam-1.pt, …)
     trainer.pt      the JKO trainer's state, for --resume (jkoflow.checkpoint)
     flow-partial.pt the finished blocks, when training stopped on non-finite losses
@@ -289,11 +290,14 @@ def flow_figures(flow: Flow, x: np.ndarray) -> dict[str, Any]:
 
 def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds: float) -> dict[str, Any]:
     """summary.json of a JKO run: test NLL (nats, constant included, at the
-    flow's eval steps), blocks, batches, seconds and per-block figures."""
-    last = history.blocks[-1] if history.blocks else {}
+    flow's eval steps), blocks, batches, seconds and per-block figures of
+    ``flow``, the selected candidate (``selected``: its stage, blocks and NLLs)."""
+    records = history.selected_blocks()
+    last = records[-1] if records else {}
     log_scale = float(flow.scale.log().sum())
     summary = {
         "test_nll": last.get("test_nll"),
+        "selected": history.selected.to_dict() if history.selected else None,
         "n_blocks": len(flow),
         "stopped_by": history.stopped_by,
         "train_seconds": history.train_seconds,
@@ -312,10 +316,13 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
                     "val_nll",
                     "test_nll",
                     "step_doubling_change",
+                    "inversion_error",
+                    "train_steps",
+                    "step_doublings",
                 )
                 if key in b
             }
-            for b in history.blocks
+            for b in records
         ],
         "stages": [
             {
@@ -493,7 +500,9 @@ def run_jko(
         group.any(failed)  # the other ranks wait for the run directory
     with run:
         if plan is not None and plan.finalize:
-            flow, history = plan.state.flow, JKOHistory.from_dict(plan.state.history)
+            best = plan.state.best
+            flow = best if best is not None else plan.state.flow
+            history = JKOHistory.from_dict(plan.state.history)
             start = time.perf_counter()
         else:
             done = plan.state.history["iterations"] if plan is not None else []

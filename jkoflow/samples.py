@@ -110,6 +110,17 @@ class Samples:
         doubled = self.push(block, before.head(rows), 2 * self.flow.steps)
         return doubled.nll() - after.head(rows).nll()
 
+    def inversion_error(self, block: Block, before: Pushed, after: Pushed) -> float:
+        """Block k's round-trip error on the same rows: E‖x − T_k⁻¹(T_k(x))‖
+        over sqrt(E‖x‖²/d), the per-coordinate scale of its input x."""
+        rows = min(len(before.x), STEP_CHECK_ROWS)
+        x = before.head(rows).x
+        back, _ = self._map(
+            lambda part: integrate(block, part, self.flow.steps, t0=1.0, t1=0.0), after.head(rows).x
+        )
+        scale = x.pow(2).sum(1).mean().div(x.shape[1]).sqrt()
+        return float((back - x).norm(dim=1).mean() / scale)
+
     def _map(self, fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor) -> tuple[Tensor, Tensor]:
         """(z, ℓ) = ``fn(rows)[:2]`` for the rows of ``x``, chunk by chunk on the
         compute device, kept on the cache device; each rank pushes its shard."""

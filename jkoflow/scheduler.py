@@ -19,6 +19,7 @@ https://arxiv.org/abs/2212.14424.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -38,7 +39,7 @@ from .errors import TrainingError
 from .loop import FAULTS, Bar, Checkpoints, Records, Rollback, Step, optimize, snapshot_parts
 from .objectives import JKOLoss, jko_loss
 from .placement import Placement
-from .records import BlockRecord, JKOHistory, StageRecord, movement_spread
+from .records import GROWING, BlockRecord, JKOHistory, StageRecord, movement_spread
 from .samples import Pushed
 from .stages import BlockPlan, reparametrize
 
@@ -64,6 +65,7 @@ class JKOObjective:
         step: Callable[[], int],
     ) -> None:
         self.block, self.h, self.iters, self.x = block, plan.h, plan.iters, x
+        self.train_steps = plan.train_steps or config.train_steps
         self.config, self.generator, self.placement = config, generator, placement
         self.step = step  # mini-batches taken so far (seeds the ranks' noise)
         self.parallel = distributed.data_parallel(block, placement.group, placement.device)
@@ -78,14 +80,14 @@ class JKOObjective:
         index = torch.randint(len(x), (config.batch_size,), generator=self.generator)
         if self.parallel is None:
             batch = self.placement.compute(x[index.to(x.device)])
-            terms = jko_loss(self.block, batch, self.h, config.train_steps, config.transport)  # type: ignore[arg-type]
+            terms = jko_loss(self.block, batch, self.h, self.train_steps, config.transport)  # type: ignore[arg-type]
             return terms.loss, terms._asdict()
         group = self.placement.group
         start, stop = group.shard(len(index))
         batch = self.placement.compute(x[index[start:stop].to(x.device)])
         weight = group.size * (stop - start) / len(index)
         with group.step_rng(config.seed, self.step(), self.placement.device):
-            local = self.parallel(batch, self.h, config.train_steps, config.transport, weight)
+            local = self.parallel(batch, self.h, self.train_steps, config.transport, weight)
         return local[0], JKOLoss(*(group.sum(local.detach()) / group.size))._asdict()
 
 
@@ -185,20 +187,60 @@ def _optimize_block(trainer: JKOTrainer, block: Block, plan: BlockPlan, x: Tenso
     return progress
 
 
+Measured = tuple[dict[str, Pushed], float, float, bool]
+
+
+def _fits_its_steps(trainer: JKOTrainer, block: Block, cached: dict[str, Pushed]) -> Measured:
+    """Pushes every set through the frozen block; (the samples of p_k, its
+    step-doubling change, its relative inversion error, whether both are
+    below the config's tolerances)."""
+    samples, config = trainer.samples, trainer.config
+    with torch.no_grad():
+        moved = samples.push_all(block, cached)
+        change = samples.step_doubling_change(block, cached["val"], moved["val"])
+        error = samples.inversion_error(block, cached["val"], moved["val"])
+    return moved, change, error, abs(change) < config.step_tol and error < config.inversion_tol
+
+
+def _train_with_step_control(
+    trainer: JKOTrainer, block: Block, plan: BlockPlan, cached: dict[str, Pushed]
+) -> tuple[BlockProgress, BlockPlan, dict[str, Pushed], float, float]:
+    """Trains the block on its plan; while it fits its RK4 discretisation
+    (:func:`_fits_its_steps` fails) and ``step_doublings`` allow, trains on
+    with the train steps doubled for a quarter of ``plan.iters`` more steps
+    (the cosine schedule stretched to the new total, so it resumes at a low
+    learning rate). A resumed block continues the phase it was in."""
+    config, saved = trainer.config, trainer.block
+    resumed = saved is not None and saved.index == plan.index and saved.train_steps > 0
+    if resumed:
+        plan = dataclasses.replace(plan, train_steps=saved.train_steps, iters=saved.iters)
+    while True:
+        block.requires_grad_(True)
+        progress = _optimize_block(trainer, block, plan, cached["train"].x)
+        block.requires_grad_(False)
+        start = time.perf_counter()
+        moved, change, error, fits = _fits_its_steps(trainer, block, cached)
+        steps = plan.train_steps or config.train_steps
+        if fits or trainer.budget.done() or steps >= config.train_steps * 2**config.step_doublings:
+            progress.seconds += time.perf_counter() - start
+            return progress, plan, moved, change, error
+        plan = dataclasses.replace(plan, train_steps=2 * steps, iters=plan.iters + max(1, plan.iters // 4))
+        progress.train_steps, progress.iters = plan.train_steps, plan.iters
+        progress.seconds += time.perf_counter() - start
+
+
 def fit_block(
     trainer: JKOTrainer, stage: StageRecord, plan: BlockPlan, cached: dict[str, Pushed]
 ) -> dict[str, Pushed]:
-    """Trains block ``plan.index`` on samples of p_{k−1} (``cached``), freezes
-    it, pushes every set through it, appends its :class:`BlockRecord` to
-    ``stage``, writes a checkpoint and returns the samples of p_k."""
-    k, samples = plan.index, trainer.samples
+    """Trains block ``plan.index`` on samples of p_{k−1} (``cached``) under
+    the step control, freezes it, pushes every set through it, appends its
+    :class:`BlockRecord` to ``stage``, writes a checkpoint and returns the
+    samples of p_k."""
+    k, config = plan.index, trainer.config
     block = trainer.flow.blocks[k]
-    block.requires_grad_(True)
-    progress = _optimize_block(trainer, block, plan, cached["train"].x)
-    block.requires_grad_(False)
-    start = time.perf_counter()
+    progress, trained, moved, change, error = _train_with_step_control(trainer, block, plan, cached)
+    steps = trained.train_steps or config.train_steps
     with torch.no_grad():
-        moved = samples.push_all(block, cached)
         step = (moved["val"].x - cached["val"].x).pow(2).sum(1).mean()
         losses = progress.losses
         record = BlockRecord(
@@ -208,23 +250,29 @@ def fit_block(
             ter=float(step / moved["val"].x.pow(2).sum(1).mean()),
             val_nll=moved["val"].nll(),
             n_batches=len(losses),
-            seconds=progress.seconds + time.perf_counter() - start,
+            seconds=progress.seconds,
             loss_first=losses[0] if losses else None,
             loss_last=losses[-1] if losses else None,
             retries=progress.retries,
             test_nll=moved["test"].nll() if "test" in moved else None,
             parent=plan.start.parent if not isinstance(plan.start, str) else None,
             slice=plan.start.piece if not isinstance(plan.start, str) else None,
+            step_doubling_change=change,
+            inversion_error=error,
+            train_steps=steps,
+            step_doublings=round(math.log2(steps / config.train_steps)),
         )
-        record.step_doubling_change = samples.step_doubling_change(block, cached["val"], moved["val"])
     stage.blocks.append(record)
+    if stage.kind in GROWING:  # each prefix of a growing stage is a candidate
+        trainer.consider(stage, record)
     trainer.block = None
     trainer.save()
     if trainer.progress:
         tqdm.write(
             f"[{stage.name}] block {k + 1}: h={_shown(plan.h)}  W={record.movement:.4f}  "
             f"Ter={record.ter:.4f}  val NLL={record.val_nll:.4f} "
-            f"({record.step_doubling_change:+.4f} at {2 * trainer.flow.steps} steps)  "
+            f"({record.step_doubling_change:+.4f} at {2 * trainer.flow.steps} steps, "
+            f"trained at {steps})  "
             f"({record.seconds:.1f} s)"
         )
     if trainer.placement.group.any(trainer.interrupt.interrupted):  # decided together

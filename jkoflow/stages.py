@@ -77,6 +77,7 @@ class BlockPlan:
         iters: Adam steps.
         start: ``"new"`` (a freshly initialised block k), ``"keep"`` (the
             flow's block k, from its weights) or a :class:`Slice`.
+        train_steps: RK4 steps in training (None: the config's).
 
     Example:
         >>> from jkoflow.records import BlockRecord, JKOHistory, StageRecord
@@ -87,8 +88,8 @@ class BlockPlan:
         ...                           StageRecord("reparam 1", "reparam")])
         >>> for block in STAGES["reparam"](history, history.stages[1], PlanContext(config, first=0)).blocks:
         ...     print(block)  # h*_k = h_k·S̄/S_k: the block that moved less gets the larger step
-        BlockPlan(index=0, h=2.0, iters=7, start='keep')
-        BlockPlan(index=1, h=0.6666666666666666, iters=7, start='keep')
+        BlockPlan(index=0, h=2.0, iters=7, start='keep', train_steps=None)
+        BlockPlan(index=1, h=0.6666666666666666, iters=7, start='keep', train_steps=None)
 
     References:
         | Normalizing flow neural networks by JKO scheme (Xu et al., 2023)
@@ -99,6 +100,7 @@ class BlockPlan:
     h: float | None
     iters: int
     start: str | Slice = "new"
+    train_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -112,11 +114,12 @@ class Plan:
         >>> config = jkoflow.JKOConfig(h0=1.0, rho=2.0, iters=5, ter_eps=0.01)
         >>> history = JKOHistory({}, [StageRecord("initial", "initial")])
         >>> stage, context = history.stages[0], PlanContext(config, first=0)
-        >>> STAGES["initial"](history, stage, context)  # one new block at a time
-        Plan(blocks=[BlockPlan(index=0, h=1.0, iters=5, start='new')], stopped_by='', complete=False)
+        >>> plan = STAGES["initial"](history, stage, context)  # one new block at a time
+        >>> plan.blocks, plan.stopped_by
+        ([BlockPlan(index=0, h=1.0, iters=5, start='new', train_steps=None)], '')
         >>> stage.blocks.append(BlockRecord(0, 1.0, 0.9, 0.5, 2.5, 5, 0.5, 3.0, 2.6, 0))
         >>> STAGES["initial"](history, stage, context).blocks  # h_1 = h0·ρ
-        [BlockPlan(index=1, h=2.0, iters=5, start='new')]
+        [BlockPlan(index=1, h=2.0, iters=5, start='new', train_steps=None)]
         >>> stage.blocks.append(BlockRecord(1, 2.0, 0.1, 0.001, 2.4, 5, 0.5, 2.6, 2.5, 0))
         >>> STAGES["initial"](history, stage, context).stopped_by  # Ter(1) < ε
         'ter'

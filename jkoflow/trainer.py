@@ -19,6 +19,7 @@ Reference: Xu, Cheng, Xie, JKO-iFlow, https://arxiv.org/abs/2212.14424.
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import threading
@@ -39,7 +40,7 @@ from .errors import InputError
 from .flow import Flow, as_data_tensor
 from .loop import Budget, Interrupt
 from .placement import Placement, resolve_placement
-from .records import BlockRecord, JKOHistory, StageRecord, movement_spread
+from .records import GROWING, BlockRecord, JKOHistory, Selection, StageRecord, movement_spread
 from .samples import Pushed, Samples
 from .scheduler import fit_block, new_block
 from .stages import STAGES, BlockPlan, PlanContext, Slice
@@ -86,8 +87,9 @@ class JKOTrainer:
     ``add_block(h)`` trains one more block, ``grow()`` adds blocks until the
     stopping rule, ``reparametrize(n)`` and ``refine(c)`` run those stages,
     ``run_stage(kind)`` any stage of :data:`jkoflow.stages.STAGES`; ``flow`` and
-    ``history`` are current at any time, ``save(path)`` writes a checkpoint
-    and :meth:`resume` continues one exactly.
+    ``history`` are current at any time, ``best`` is the best candidate flow
+    so far by validation NLL (:class:`~jkoflow.records.Selection`),
+    ``save(path)`` writes a checkpoint and :meth:`resume` continues one exactly.
 
     Arguments: as :func:`train_jko` (``flow``: frozen blocks to train after).
 
@@ -101,6 +103,9 @@ class JKOTrainer:
         >>> stage = trainer.refine(2)
         >>> len(trainer.flow), [s.name for s in trainer.history.stages]
         (4, ['initial', 'refine 1'])
+        >>> flow, selected = trainer.best
+        >>> len(flow) == selected.n_blocks, selected.stage in ("initial", "refine 1")
+        (True, True)
     """
 
     def __init__(
@@ -141,6 +146,7 @@ class JKOTrainer:
         self.block: BlockProgress | None = None  # the block in training
         self.optimizer: torch.optim.Optimizer | None = None  # its optimizer
         self.finished = False
+        self._best: Flow | None = None  # a copy of the selected candidate (history.selected)
         self._carry: tuple[str, int, dict[str, Pushed]] | None = None
 
     @classmethod
@@ -217,6 +223,27 @@ class JKOTrainer:
         self.save()
         return stage
 
+    @property
+    def best(self) -> tuple[Flow, Selection] | None:
+        """The best candidate so far by validation NLL and its record (None before
+        the first): the flow after each block of a growing stage, the whole
+        flow at the end of every other stage (docs/design.md, "The scheduler
+        and its stages")."""
+        selected = self.history.selected
+        if self._best is None or selected is None:
+            return None
+        return self._best, selected
+
+    def consider(self, stage: StageRecord, record: BlockRecord) -> None:
+        """Keeps the flow's first ``record.index + 1`` blocks (a copy) as the
+        selection when their validation NLL is strictly below the selected one's."""
+        selected = self.history.selected
+        if selected is not None and not record.val_nll < selected.val_nll:
+            return
+        n = record.index + 1
+        self._best = copy.deepcopy(self.flow.head(n)).requires_grad_(False).eval()
+        self.history.selected = Selection(stage.name, n, record.val_nll, record.test_nll)
+
     # -- stages ---------------------------------------------------------------------
 
     def _growing(self) -> StageRecord:
@@ -291,6 +318,8 @@ class JKOTrainer:
 
     def _close(self, stage: StageRecord) -> None:
         stage.close()
+        if stage.blocks and stage.kind not in GROWING:  # a growing stage's blocks were candidates
+            self.consider(stage, stage.blocks[-1])
         if self.progress:
             nll = f", test NLL {stage.test_nll:.4f}" if stage.test_nll is not None else ""
             tqdm.write(f"[{stage.name}] {len(stage.blocks)} blocks, W spread {stage.spread:.3f}{nll}")
@@ -317,6 +346,7 @@ class JKOTrainer:
             block=self.block,
             generator=self.generator.get_state(),
             torch_rng=torch.get_rng_state(),
+            best=self._best,
         )
 
     def save(self, path: str | os.PathLike | None = None) -> None:
@@ -357,6 +387,10 @@ def _restore(trainer: JKOTrainer, state: TrainerState) -> None:
     trainer.parents = [p.to(trainer.placement.like) for p in state.parents] if state.parents else None
     trainer.first, trainer.budget.batches, trainer.budget.seconds = state.first, state.batches, state.seconds
     trainer.finished, trainer.block = state.finished, state.block
+    if state.best is not None and trainer.history.selected is not None:
+        trainer._best = state.best.to(trainer.placement.like).requires_grad_(False).eval()
+    else:  # a checkpoint older than format 3 kept no candidate
+        trainer.history.selected = None
     trainer.generator.set_state(state.generator)
     torch.set_rng_state(state.torch_rng)
 
@@ -439,7 +473,9 @@ def train_jko(
 
     In a process group (:mod:`jkoflow.distributed`) every rank calls this with
     the same arguments and gets one process's result; rank 0 writes ``checkpoint``.
-    Returns ``(flow, history)``: the trained :class:`Flow` (eval mode) and a :class:`JKOHistory`.
+    Returns ``(flow, history)``: the best candidate flow by validation NLL
+    (eval mode; ``history.selected`` says which, :attr:`JKOTrainer.best`) and a
+    :class:`JKOHistory`.
 
     Raises TrainingError when a block's loss or gradient stays non-finite after
     ``config.nan_retries`` retries; the checkpoint then holds the blocks before it.
@@ -463,4 +499,5 @@ def train_jko(
         trainer = JKOTrainer(x_train, x_val, x_test, config, flow, checkpoint=checkpoint, **options)
     run_pipeline(trainer)
     trainer.flow.eval()
-    return trainer.flow, trainer.history
+    best = trainer.best
+    return (best[0] if best is not None else trainer.flow), trainer.history

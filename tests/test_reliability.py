@@ -223,11 +223,11 @@ def test_bad_checkpoint_files_give_one_line(data, tmp_path, reference):
     train_jko(*data, config=dataclasses.replace(CONFIG, reparam_iters=0, refine=()), checkpoint=good)
     payload = torch.load(good, weights_only=True)
     newer = tmp_path / "newer.pt"
-    torch.save({**payload, "version": 3}, newer)
+    torch.save({**payload, "version": 4}, newer)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:300])
     reference[0].save(tmp_path / "flow.pt")
-    cases = {newer: "version 3; this jkoflow reads version 2; upgrade", truncated: "cannot read"}
+    cases = {newer: "version 4; this jkoflow reads version 3; upgrade", truncated: "cannot read"}
     cases[tmp_path / "flow.pt"] = "is not a jkoflow training checkpoint"
     for path, match in cases.items():
         with pytest.raises(InputError, match=match) as info:

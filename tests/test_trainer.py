@@ -17,6 +17,7 @@ from jkoflow import JKOConfig, JKOTrainer, datasets, train_jko
 from jkoflow.checkpoint import FORMAT_VERSION, load_state
 from jkoflow.records import BlockRecord, JKOHistory, StageRecord
 from jkoflow.stages import REPARAM_RULES, STAGES, BlockPlan, Plan, PlanContext, Slice, reparametrize
+from jkoflow.trainer import run_pipeline
 
 FIXTURE = Path(__file__).parent / "data" / "trainer-v1.pt"
 
@@ -105,7 +106,7 @@ def test_train_jko_runs_the_pipeline_on_the_trainer(data):
     trainer.grow()
     trainer.reparametrize(1)
     trainer.refine(2)
-    assert _same_weights(flow, trainer.flow)
+    assert _same_weights(flow, trainer.best[0]) and history.selected == trainer.history.selected
     assert [s.name for s in history.stages] == ["initial", "reparam 1", "refine 1"]
 
 
@@ -205,13 +206,19 @@ def test_an_old_checkpoint_resumes_like_an_uninterrupted_run(tmp_path):
         checkpoint_every=5, reparam_iters=1,
     )  # fmt: skip
     state = load_state(FIXTURE)
-    assert FORMAT_VERSION == 2 and state.block is not None and state.block.iter == 5
-    assert "w2" in state.history["stages"][0]["blocks"][0]
+    assert FORMAT_VERSION == 3 and state.block is not None and state.block.iter == 5
+    assert "w2" in state.history["stages"][0]["blocks"][0] and state.best is None
     path = tmp_path / "trainer.pt"
     shutil.copy(FIXTURE, path)
-    resumed, history = train_jko(x, config=config, checkpoint=path, resume=True)
-    whole, reference = train_jko(x, config=config)
-    assert _same_weights(resumed, whole)
+    trainer = JKOTrainer.resume(path, x, config=config)
+    run_pipeline(trainer)
+    history = trainer.history
+    whole = JKOTrainer(x, config=config)
+    run_pipeline(whole)
+    reference = whole.history
+    assert _same_weights(trainer.flow, whole.flow)
+    # a version-1 file kept no candidates: the resumed run selects among those after it
+    assert history.selected is not None and history.selected.stage == "reparam 1"
     assert [r["loss"] for r in history.iterations] == [r["loss"] for r in reference.iterations]
     assert [b.movement for b in history.stages[0].blocks] == [b.movement for b in reference.stages[0].blocks]
-    assert torch.load(path, weights_only=True)["version"] == 2
+    assert torch.load(path, weights_only=True)["version"] == 3

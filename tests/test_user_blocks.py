@@ -13,6 +13,7 @@ import jkoflow
 from jkoflow import Flow, InputError
 from jkoflow.cli import main
 from jkoflow.config import config_from_dict
+from jkoflow.trainer import run_pipeline
 
 
 @blocks.register("user-ridge")
@@ -116,7 +117,9 @@ def test_mixed_flow_types_per_block(tmp_path):
         "user-ridge",
         "user-ridge",
     ]
-    flow, history = jkoflow.train_jko(_data(), config=config)
+    trainer = jkoflow.JKOTrainer(_data(), config=config)
+    run_pipeline(trainer)  # the refined flow (train_jko returns the best candidate, maybe an earlier one)
+    flow, history = trainer.flow.eval(), trainer.history
     assert len(flow) == 8 and all(type(b).name == "timeslice" for b in flow.blocks)
     parents = [b.parent for b in flow.blocks[::2]]
     assert parents[0].rank == 2 and parents[1].activation == "softplus" and parents[1].width == 6
