@@ -19,6 +19,7 @@ https://arxiv.org/abs/2212.14424.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -39,14 +40,14 @@ from .errors import TrainingError
 from .loop import FAULTS, Bar, Checkpoints, Records, Rollback, Step, optimize, snapshot_parts
 from .objectives import JKOLoss, jko_loss
 from .placement import Placement
-from .records import GROWING, BlockRecord, JKOHistory, StageRecord, movement_spread
+from .records import GROWING, BlockRecord, JKOHistory, Selection, StageRecord, movement_spread
 from .samples import Pushed
 from .stages import BlockPlan, reparametrize
 
 if TYPE_CHECKING:
     from .trainer import JKOTrainer
 
-__all__ = ["JKOHistory", "fit_block", "movement_spread", "new_block", "reparametrize"]
+__all__ = ["JKOHistory", "consider", "fit_block", "movement_spread", "new_block", "reparametrize"]
 
 
 class JKOObjective:
@@ -229,6 +230,18 @@ def _train_with_step_control(
         progress.seconds += time.perf_counter() - start
 
 
+def consider(trainer: JKOTrainer, stage: StageRecord, record: BlockRecord) -> None:
+    """Keeps the flow's first ``record.index + 1`` blocks (a copy) as the
+    trainer's selection when their validation NLL is strictly below the
+    selected one's (:attr:`JKOTrainer.best`)."""
+    selected = trainer.history.selected
+    if selected is not None and not record.val_nll < selected.val_nll:
+        return
+    n = record.index + 1
+    trainer._best = copy.deepcopy(trainer.flow.head(n)).requires_grad_(False).eval()
+    trainer.history.selected = Selection(stage.name, n, record.val_nll, record.test_nll)
+
+
 def fit_block(
     trainer: JKOTrainer, stage: StageRecord, plan: BlockPlan, cached: dict[str, Pushed]
 ) -> dict[str, Pushed]:
@@ -264,7 +277,7 @@ def fit_block(
         )
     stage.blocks.append(record)
     if stage.kind in GROWING:  # each prefix of a growing stage is a candidate
-        trainer.consider(stage, record)
+        consider(trainer, stage, record)
     trainer.block = None
     trainer.save()
     if trainer.progress:

@@ -19,7 +19,6 @@ Reference: Xu, Cheng, Xie, JKO-iFlow, https://arxiv.org/abs/2212.14424.
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import threading
@@ -42,7 +41,7 @@ from .loop import Budget, Interrupt
 from .placement import Placement, resolve_placement
 from .records import GROWING, BlockRecord, JKOHistory, Selection, StageRecord, movement_spread
 from .samples import Pushed, Samples
-from .scheduler import fit_block, new_block
+from .scheduler import consider, fit_block, new_block
 from .stages import STAGES, BlockPlan, PlanContext, Slice
 
 __all__ = ["JKOTrainer", "resume_note", "run_pipeline", "train_jko"]
@@ -234,16 +233,6 @@ class JKOTrainer:
             return None
         return self._best, selected
 
-    def consider(self, stage: StageRecord, record: BlockRecord) -> None:
-        """Keeps the flow's first ``record.index + 1`` blocks (a copy) as the
-        selection when their validation NLL is strictly below the selected one's."""
-        selected = self.history.selected
-        if selected is not None and not record.val_nll < selected.val_nll:
-            return
-        n = record.index + 1
-        self._best = copy.deepcopy(self.flow.head(n)).requires_grad_(False).eval()
-        self.history.selected = Selection(stage.name, n, record.val_nll, record.test_nll)
-
     # -- stages ---------------------------------------------------------------------
 
     def _growing(self) -> StageRecord:
@@ -319,7 +308,7 @@ class JKOTrainer:
     def _close(self, stage: StageRecord) -> None:
         stage.close()
         if stage.blocks and stage.kind not in GROWING:  # a growing stage's blocks were candidates
-            self.consider(stage, stage.blocks[-1])
+            consider(self, stage, stage.blocks[-1])
         if self.progress:
             nll = f", test NLL {stage.test_nll:.4f}" if stage.test_nll is not None else ""
             tqdm.write(f"[{stage.name}] {len(stage.blocks)} blocks, W spread {stage.spread:.3f}{nll}")
@@ -331,29 +320,34 @@ class JKOTrainer:
 
     def state(self) -> TrainerState:
         """A snapshot of the run (:mod:`jkoflow.checkpoint`)."""
-        if self.block is not None and self.optimizer is not None:
-            self.block.optimizer = self.optimizer.state_dict()
-        return TrainerState(
-            config=self.config.to_dict(),
-            history=self.history.to_dict(),
-            flow=self.flow,
-            parents=self.parents,
-            first=self.first,
-            batches=self.budget.batches,
-            seconds=self.budget.seconds,
-            finished=self.finished,
-            data={name: data_fingerprint(x) for name, x in self.samples.sets.items()},
-            block=self.block,
-            generator=self.generator.get_state(),
-            torch_rng=torch.get_rng_state(),
-            best=self._best,
-        )
+        return _state(self)
 
     def save(self, path: str | os.PathLike | None = None) -> None:
         """Writes the state atomically to ``path`` (default: the checkpoint file; rank 0 only)."""
         path = path if path is not None else self.checkpoint
         if path is not None and self.placement.group.is_main:
             save_state(self.state(), path)
+
+
+def _state(trainer: JKOTrainer) -> TrainerState:
+    """The trainer's state for :func:`jkoflow.checkpoint.save_state`."""
+    if trainer.block is not None and trainer.optimizer is not None:
+        trainer.block.optimizer = trainer.optimizer.state_dict()
+    return TrainerState(
+        config=trainer.config.to_dict(),
+        history=trainer.history.to_dict(),
+        flow=trainer.flow,
+        parents=trainer.parents,
+        first=trainer.first,
+        batches=trainer.budget.batches,
+        seconds=trainer.budget.seconds,
+        finished=trainer.finished,
+        data={name: data_fingerprint(x) for name, x in trainer.samples.sets.items()},
+        block=trainer.block,
+        generator=trainer.generator.get_state(),
+        torch_rng=torch.get_rng_state(),
+        best=trainer._best,
+    )
 
 
 def _continue_block(trainer: JKOTrainer, reset_lr: bool) -> None:
@@ -471,14 +465,11 @@ def train_jko(
         reset_lr: On resume, restart the lr scale and retries of the block in
             training (also done when ``config.lr`` differs from the checkpoint's).
 
-    In a process group (:mod:`jkoflow.distributed`) every rank calls this with
-    the same arguments and gets one process's result; rank 0 writes ``checkpoint``.
-    Returns ``(flow, history)``: the best candidate flow by validation NLL
-    (eval mode; ``history.selected`` says which, :attr:`JKOTrainer.best`) and a
-    :class:`JKOHistory`.
-
-    Raises TrainingError when a block's loss or gradient stays non-finite after
-    ``config.nan_retries`` retries; the checkpoint then holds the blocks before it.
+    In a process group (:mod:`jkoflow.distributed`) every rank calls this with the
+    same arguments and gets one process's result; rank 0 writes ``checkpoint``.
+    Returns ``(flow, history)``: the best flow by validation NLL (eval mode;
+    ``history.selected`` says which) and a :class:`JKOHistory`. Raises
+    TrainingError when a block's steps stay faulty after ``config.nan_retries`` retries.
 
     Example:
         >>> import jkoflow
