@@ -490,7 +490,7 @@ def run_jko(
     group = distributed.current()
     data = check_training(config, splits, max(1, len(config.block_types)), group.size)
     if not group.is_main:
-        return _follow_jko(out, config, splits, (resume, reset_lr), group)
+        return _follow_jko(out, config, splits, group, resume=resume, reset_lr=reset_lr)
     failed = True
     try:  # the run directory is rank 0's: it checks, locks and writes it
         plan = _check_run_dir(out, data_config, config, data, overwrite, resume)
@@ -507,7 +507,7 @@ def run_jko(
         else:
             done = plan.state.history["iterations"] if plan is not None else []
             start = time.perf_counter()
-            flow, history = _train_in(files, run, config, splits, progress, done, (resume, reset_lr))
+            flow, history = _train_in(files, run, config, splits, progress, done, resume, reset_lr)
         summary = summarize(flow, history, splits[2], time.perf_counter() - start)
         summary.update(target_kl(flow, data_config.name, splits[2]))
         return _finish_run(files, run, flow, history.to_dict(), summary, splits[2], data_config.seed)
@@ -520,10 +520,11 @@ def _train_in(
     splits: tuple[np.ndarray, np.ndarray, np.ndarray],
     progress: bool,
     done: list[dict[str, Any]],
-    resume: tuple[bool, bool],
+    resume: bool,
+    reset_lr: bool,
 ) -> tuple[Flow, JKOHistory]:
     """:func:`train_jko` with the run directory's log, stage checkpoints and
-    trainer state; ``resume`` is (resume, reset_lr)."""
+    trainer state."""
 
     def save_stage(history: JKOHistory, flow: Flow) -> None:  # a checkpoint after every stage
         flow.save(run.claim(stage_checkpoint(files, history.stages[-1]).name))
@@ -540,8 +541,8 @@ def _train_in(
                 callback=log,
                 on_stage=save_stage,
                 checkpoint=files.trainer,
-                resume=resume[0],
-                reset_lr=resume[1],
+                resume=resume,
+                reset_lr=reset_lr,
             )
         except TrainingError as error:
             raise _saved_partial(files, run, error) from None
@@ -560,16 +561,16 @@ def _follow_jko(
     out: str | os.PathLike,
     config: JKOConfig,
     splits: tuple[np.ndarray, np.ndarray, np.ndarray],
-    resume: tuple[bool, bool],
     group: distributed.Group,
+    resume: bool,
+    reset_lr: bool,
 ) -> dict[str, Any]:
     """What a rank other than 0 does in :func:`run_jko`: trains in step with
-    rank 0 (reading the checkpoint when resuming; ``resume`` is (resume,
-    reset_lr)) and writes nothing."""
+    rank 0 (reading the checkpoint when resuming) and writes nothing."""
     if group.any(False):
         raise InputError(f"rank 0 could not start the run in {out}")
     trainer_file = RunFiles(out).trainer
-    train_jko(*splits, config=config, checkpoint=trainer_file, resume=resume[0], reset_lr=resume[1])
+    train_jko(*splits, config=config, checkpoint=trainer_file, resume=resume, reset_lr=reset_lr)
     return {}
 
 
