@@ -15,6 +15,7 @@ Onken et al., OT-Flow, https://arxiv.org/abs/2006.00104.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -164,7 +165,8 @@ def optimize(
             group["lr"] = lr
         target, terms = objective.loss()
         optimizer.zero_grad(set_to_none=True)
-        fault = loss_fault(terms["loss"], progress.losses[:1])
+        loss = float(terms["loss"].detach())  # read once: the fault check and the records use it
+        fault = loss_fault(loss, progress.losses[:1])
         if fault is None:
             target.backward()
             if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
@@ -175,7 +177,6 @@ def optimize(
                 hook.after_rollback()
             continue
         optimizer.step()
-        loss = float(terms["loss"].detach())
         step = Step(it, lr, {"loss": loss}, time.perf_counter() - tick)
         for hook in hooks:
             hook.measure(step)
@@ -192,20 +193,20 @@ DIVERGENCE_FACTOR = 10.0
 more than ``DIVERGENCE_FACTOR · max(1, |J₀|)`` (:func:`loss_fault`)."""
 
 
-def loss_fault(loss: Tensor, first: Sequence[float]) -> str | None:
+def loss_fault(loss: float, first: Sequence[float]) -> str | None:
     """``"loss"`` for a non-finite loss, ``"divergence"`` for a finite one above
     J₀ + :data:`DIVERGENCE_FACTOR`·max(1, |J₀|), with J₀ = ``first[0]`` the
     loss of the loop's first step (a block or OT-Flow starts near the identity
     map, and training lowers the loss from there); else None.
 
-    >>> loss_fault(torch.tensor(3.0), [2.5]), loss_fault(torch.tensor(1e30), [2.5])
+    >>> loss_fault(3.0, [2.5]), loss_fault(1e30, [2.5])
     (None, 'divergence')
-    >>> loss_fault(torch.tensor(float("nan")), [])
+    >>> loss_fault(float("nan"), [])
     'loss'
     """
-    if not torch.isfinite(loss):
+    if not math.isfinite(loss):
         return "loss"
-    if first and float(loss.detach()) > first[0] + DIVERGENCE_FACTOR * max(1.0, abs(first[0])):
+    if first and loss > first[0] + DIVERGENCE_FACTOR * max(1.0, abs(first[0])):
         return "divergence"
     return None
 
