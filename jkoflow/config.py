@@ -300,6 +300,9 @@ class JKOConfig(TrainingConfig):
     max|S_k − S̄|/S̄ < ``reparam_tol``; then one refinement stage per entry c of
     ``refine`` (every block split into c time slices trained at h_k/c). Blocks
     retrained in these stages get ``stage_iters`` Adam steps (0: ``iters``).
+    With ``free_block`` a last ``free`` stage adds one block trained on the
+    KL alone, without the W2 term (JKO-iFlow's free block), for ``iters``
+    steps.
 
     Budget: training stops once ``max_batches`` mini-batches or
     ``max_seconds`` of training (0: no limit) are spent; the block in training
@@ -346,6 +349,7 @@ class JKOConfig(TrainingConfig):
     reparam_rule: str = "ratio"
     h_min: float = 0.05
     refine: tuple[int, ...] = ()
+    free_block: bool = False
     block_types: tuple[str, ...] = ()
     stage_iters: int = 0
     max_batches: int = 0

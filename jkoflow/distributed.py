@@ -221,7 +221,7 @@ class JKOObjective(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x: Tensor, h: float, steps: int, transport: Transport, weight: float) -> Tensor:
+    def forward(self, x: Tensor, h: float | None, steps: int, transport: Transport, weight: float) -> Tensor:
         terms = jko_loss(self.block, x, h, steps, transport)
         return torch.stack(tuple(terms)) * weight
 

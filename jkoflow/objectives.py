@@ -36,7 +36,7 @@ class JKOLoss(NamedTuple):
     """Value of the JKO objective on a batch (scalars).
 
     Attributes:
-        loss: kl + transport / h, the quantity minimised.
+        loss: kl + transport / h (kl alone for h = None), the quantity minimised.
         kl: E[½‖T(x)‖² − ℓ(x)], KL((T)#p ‖ N(0, I)) up to a θ-free constant.
         transport: E[C(x)], the W2²/2 proxy.
 
@@ -58,13 +58,15 @@ def gaussian_log_prob(z: Tensor) -> Tensor:
     return -0.5 * z.pow(2).sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
 
 
-def jko_loss(block: Block, x: Tensor, h: float, steps: int, transport: Transport = "path") -> JKOLoss:
+def jko_loss(block: Block, x: Tensor, h: float | None, steps: int, transport: Transport = "path") -> JKOLoss:
     r"""The JKO step objective J_k on a batch ``x`` (n, d) with step size ``h``,
 
     .. math:: J_k = E\big[½‖T_k(x)‖² − ℓ_k(x)\big] + \frac{1}{h} E[C_k(x)],
 
     integrated with ``steps`` RK4 steps; ``transport`` chooses C_k (``"path"``:
-    ∫½‖v‖² dt, ``"endpoint"``: ½‖T_k(x) − x‖²). Returns :class:`JKOLoss` (scalars).
+    ∫½‖v‖² dt, ``"endpoint"``: ½‖T_k(x) − x‖²). ``h=None`` (h → ∞) drops the
+    transport term: the *free block* of JKO-iFlow, trained on the KL alone
+    (the cost is still returned). Returns :class:`JKOLoss` (scalars).
 
     References:
         | The Variational Formulation of the Fokker-Planck Equation (Jordan, Kinderlehrer & Otto, 1998)
@@ -82,7 +84,7 @@ def jko_loss(block: Block, x: Tensor, h: float, steps: int, transport: Transport
         cost = 0.5 * (z - x).pow(2).sum(1).mean()
     else:
         raise ValueError(f"transport must be 'path' or 'endpoint', got {transport!r}")
-    return JKOLoss(kl + cost / h, kl, cost)
+    return JKOLoss(kl if h is None else kl + cost / h, kl, cost)
 
 
 class OTFlowLoss(NamedTuple):

@@ -16,8 +16,9 @@ names to solvers: adding a stage kind means adding one function.
   :data:`REPARAM_RULES` (:func:`reparametrize`).
 - ``refine``: every block of the previous stage cut into c time slices
   (``blocks.time_slices``), each trained in order at h_k/c.
-
-A :class:`BlockPlan` with ``h=None`` is a block trained without the W2 term.
+- ``free``: one new block after all the others, trained without the W2 term
+  (``h=None``, h → ∞): JKO-iFlow's final *free block*, which minimises the KL
+  left after the scheme on its own.
 
 Reference: Xu, Cheng, Xie, JKO-iFlow, https://arxiv.org/abs/2212.14424
 (reparametrisation and refinement, its section 3).
@@ -200,7 +201,7 @@ def _previous(history: JKOHistory, stage: StageRecord) -> StageRecord:
 
 
 def _remaining(
-    stage: StageRecord, hs: list[float], iters: int, first: int, start: Callable[[int], Any]
+    stage: StageRecord, hs: list[float | None], iters: int, first: int, start: Callable[[int], Any]
 ) -> Plan:
     """The blocks of an all-planned stage after those it has trained."""
     done = len(stage.blocks)
@@ -248,10 +249,19 @@ def plan_refine(history: JKOHistory, stage: StageRecord, context: PlanContext) -
     return _remaining(stage, hs, iters, context.first, lambda p: Slice(p // count, count, p % count))
 
 
+def plan_free(history: JKOHistory, stage: StageRecord, context: PlanContext) -> Plan:
+    """One new block after the flow's last, with ``h=None`` (no W2 term) and
+    ``iters`` Adam steps, unless the budget is spent before it starts."""
+    if not stage.blocks and context.out_of_budget:
+        return Plan(stopped_by="budget")
+    return _remaining(stage, [None], context.config.iters, context.first, lambda p: "new")
+
+
 STAGES: dict[str, PlanFn] = {
     "initial": plan_grow,
     "extend": plan_grow,
     "reparam": plan_reparam,
     "refine": plan_refine,
+    "free": plan_free,
 }
 """Stage kinds and their plans."""

@@ -9,7 +9,8 @@ samples of p_{k−1} (:mod:`jkoflow.scheduler`). The configured pipeline:
    budget is spent or the flow holds ``max_blocks`` blocks;
 2. up to ``reparam_iters`` ``reparam`` stages, until the movement spread
    max_k |W_k − W̄|/W̄ < ``reparam_tol``;
-3. one ``refine`` stage per entry c of ``refine``.
+3. one ``refine`` stage per entry c of ``refine``;
+4. with ``free_block``, a ``free`` stage: one more block without the W2 term.
 
 Resuming a finished run with a larger ``max_blocks`` adds an ``extend n``
 stage. What each stage trains is a plan of :mod:`jkoflow.stages`.
@@ -192,6 +193,7 @@ class JKOTrainer:
         once the movement spread is below ``reparam_tol`` or the budget is spent."""
         done = []
         for _ in range(iters):
+            _refuse_after_free(self.history, "reparam")
             if self.history.open_stage("reparam") is None:
                 spread = movement_spread([b.movement for b in self.history.stages[-1].blocks])
                 if self.budget.done() or spread < self.config.reparam_tol:
@@ -251,9 +253,10 @@ class JKOTrainer:
             return history.stages[0]
         if open_stage is not None and open_stage.kind == kind:
             return open_stage
+        _refuse_after_free(history, kind)
         if open_stage is not None:
             self._close(open_stage)
-        if kind == "extend":
+        if kind in ("extend", "free"):
             self.first = len(self.flow)
         name = "initial" if kind == "initial" else f"{kind} {history.count(kind) + 1}"
         stage = StageRecord(name, kind, factor=factor, rule=rule)
@@ -327,6 +330,13 @@ class JKOTrainer:
         path = path if path is not None else self.checkpoint
         if path is not None and self.placement.group.is_main:
             save_state(self.state(), path)
+
+
+def _refuse_after_free(history: JKOHistory, kind: str) -> None:
+    """Reparametrisation and refinement change or split the step sizes h of the
+    last stage's blocks; after a ``free`` stage there is none."""
+    if kind in ("reparam", "refine") and history.stages and history.stages[-1].kind == "free":
+        raise InputError(f"cannot {kind} after the free block: it has no step size h to change or split")
 
 
 def _state(trainer: JKOTrainer) -> TrainerState:
@@ -413,8 +423,9 @@ def _stop_on_interrupt(interrupt: Interrupt, enabled: bool) -> Iterator[None]:
 def run_pipeline(trainer: JKOTrainer) -> None:
     """The configured stages, continued where they stand: ``initial``, then up to
     ``reparam_iters`` ``reparam`` stages, then one ``refine`` stage per entry of
-    ``refine``; a finished run gets an ``extend`` stage instead."""
-    history, config = trainer.history, trainer.config
+    ``refine``, then a ``free`` stage with ``free_block``; a finished run gets
+    an ``extend`` stage instead."""
+    history = trainer.history
     if trainer.finished:
         trainer.extend()
         return
@@ -423,13 +434,22 @@ def run_pipeline(trainer: JKOTrainer) -> None:
     else:
         trainer.run_stage("initial")
         if history.stages[0].blocks:  # else the flow already had max_blocks blocks
-            trainer.reparametrize(config.reparam_iters - history.count("reparam", complete=True))
-            for c in config.refine[history.count("refine", complete=True) :]:
-                if history.open_stage("refine") is None and trainer.budget.done():
-                    break
-                trainer.refine(c)
+            _later_stages(trainer)
     trainer.finished = True
     trainer.save()
+
+
+def _later_stages(trainer: JKOTrainer) -> None:
+    """The stages after ``initial``; a stage not begun yet is skipped once the budget is spent."""
+    history, config = trainer.history, trainer.config
+    trainer.reparametrize(config.reparam_iters - history.count("reparam", complete=True))
+    for c in config.refine[history.count("refine", complete=True) :]:
+        if history.open_stage("refine") is None and trainer.budget.done():
+            break
+        trainer.refine(c)
+    wants_free = config.free_block and not history.count("free", complete=True)
+    if wants_free and (history.open_stage("free") is not None or not trainer.budget.done()):
+        trainer.run_stage("free")
 
 
 def train_jko(

@@ -222,3 +222,52 @@ def test_an_old_checkpoint_resumes_like_an_uninterrupted_run(tmp_path):
     assert [r["loss"] for r in history.iterations] == [r["loss"] for r in reference.iterations]
     assert [b.movement for b in history.stages[0].blocks] == [b.movement for b in reference.stages[0].blocks]
     assert torch.load(path, weights_only=True)["version"] == 3
+
+
+# -- the free block ------------------------------------------------------------------
+
+
+def test_jko_loss_without_h_is_the_kl_alone():
+    torch.manual_seed(0)
+    block, x = blocks.make("otflow", dim=2, width=8).double(), torch.randn(64, 2, dtype=torch.float64)
+    free, with_h = jkoflow.jko_loss(block, x, None, 2), jkoflow.jko_loss(block, x, 4.0, 2)
+    assert torch.equal(free.loss, free.kl) and torch.equal(free.kl, with_h.kl)
+    assert torch.equal(free.transport, with_h.transport) and float(free.transport) > 0
+    assert float(with_h.loss - free.loss) == pytest.approx(float(with_h.transport) / 4.0, rel=1e-9)
+
+
+def test_the_free_stage_adds_one_block_without_h_after_all_others(data):
+    trainer = JKOTrainer(*data, config=dataclasses.replace(CONFIG, iters=40))
+    trainer.add_block(h=1.0)
+    before = trainer.history.stages[0].blocks[-1].val_nll
+    stage = trainer.run_stage("free")
+    (record,) = stage.blocks
+    assert stage.name == "free 1" and stage.complete and stage.h_plan == [None]
+    assert record.index == 1 and record.h is None and len(trainer.flow) == 2
+    assert record.loss_last < record.loss_first  # trained on the KL left after block 1
+    assert record.val_nll == pytest.approx(float(jkoflow.metrics.nll(trainer.flow, data[1])), abs=1e-5)
+    assert record.val_nll < before
+    assert trainer.history.selected.stage == "free 1" and trainer.history.selected.n_blocks == 2
+    with pytest.raises(jkoflow.InputError, match="after the free block"):
+        trainer.reparametrize(1)
+    with pytest.raises(jkoflow.InputError, match="after the free block"):
+        trainer.refine(2)
+
+
+def test_the_pipeline_ends_with_the_free_block_and_resumes_in_it(data, tmp_path):
+    config = dataclasses.replace(CONFIG, max_blocks=2, refine=(2,), free_block=True, checkpoint_every=5)
+    _, history = train_jko(*data, config=config)
+    assert [s.name for s in history.stages] == ["initial", "refine 1", "free 1"]
+    assert [b.h for b in history.stages[-1].blocks] == [None]
+    path = tmp_path / "run.pt"
+    stops = iter(range(10_000))
+
+    def stop_in_the_free_block(record: dict) -> None:
+        if record["stage"] == 2 and record["iter"] == 7 and next(stops) == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_jko(*data, config=config, checkpoint=path, callback=stop_in_the_free_block)
+    _, resumed = train_jko(*data, checkpoint=path, resume=True)
+    assert [r["loss"] for r in resumed.iterations] == [r["loss"] for r in history.iterations]
+    assert resumed.selected == history.selected
