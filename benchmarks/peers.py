@@ -158,7 +158,7 @@ def _run_jkoflow(split: tuple[np.ndarray, ...], seconds: float, seed: int, data:
     return MethodResult(
         **_flow_result("jkoflow", flow, x_test, seed),
         n_batches=history.n_batches,
-        batch_size=config.batch_size,
+        batch_size=config.batch_for(len(x_train)),
         train_seconds=history.train_seconds,
         curve=curve,
     )
@@ -172,7 +172,7 @@ def _run_otflow(split: tuple[np.ndarray, ...], seconds: float, seed: int, data: 
     return MethodResult(
         **_flow_result("otflow", flow, x_test, seed),
         n_batches=history.n_batches,
-        batch_size=config.batch_size,
+        batch_size=config.batch_for(len(x_train)),
         train_seconds=history.train_seconds,
         curve=curve,
     )

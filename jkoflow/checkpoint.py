@@ -54,6 +54,9 @@ class BlockProgress:
         optimizer: The Adam state dict (None before the first step).
         train_steps, iters: RK4 steps and Adam steps of the current training
             phase when the step control has extended it (0: the plan's).
+        checks: ``[step, validation NLL]`` of every early-stopping check
+            (:class:`jkoflow.loop.Plateau`).
+        best: The block's weights at the best check (None before the first).
 
     Example:
         >>> from jkoflow.checkpoint import BlockProgress
@@ -77,6 +80,8 @@ class BlockProgress:
     optimizer: dict[str, Any] | None = None
     train_steps: int = 0
     iters: int = 0
+    checks: list[list[float]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
 
     def count(self, loss: float, seconds: float) -> None:
         """Counts one finished step of ``seconds`` with this ``loss``."""
@@ -84,17 +89,20 @@ class BlockProgress:
         self.iter += 1
         self.losses.append(loss)
 
-    def snapshot(self) -> tuple[int, int, float]:
-        """What a rollback restores: the step, the number of losses and the seconds."""
-        return self.iter, len(self.losses), self.seconds
+    def snapshot(self) -> tuple[int, int, float, int, dict[str, Any] | None]:
+        """What a rollback restores: the step, the number of losses, the
+        seconds, the number of checks and the best weights."""
+        return self.iter, len(self.losses), self.seconds, len(self.checks), self.best
 
-    def restore(self, state: tuple[int, int, float]) -> None:
-        self.iter, n_losses, self.seconds = state
+    def restore(self, state: tuple[int, int, float, int, dict[str, Any] | None]) -> None:
+        self.iter, n_losses, self.seconds, n_checks, self.best = state
         del self.losses[n_losses:]
+        del self.checks[n_checks:]
 
     def numbers(self) -> dict[str, Any]:
-        """The JSON-able fields (all but the optimizer state)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "optimizer"}
+        """The JSON-able fields (all but the optimizer state and the best weights)."""
+        tensors = ("optimizer", "best")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in tensors}
 
 
 @dataclass
@@ -189,6 +197,7 @@ def save_state(state: TrainerState, path: str | os.PathLike) -> None:
         "flow": state.flow.to_payload(),
         "parents": parents,
         "optimizer": state.block.optimizer if state.block else None,
+        "block_best": state.block.best if state.block else None,
         "generator": state.generator,
         "torch_rng": state.torch_rng,
         "extra": state.extra,
@@ -212,7 +221,9 @@ def load_state(path: str | os.PathLike, trainer: str = "jko") -> TrainerState:
         parents = list(Flow.from_payload(payload["parents"], path).blocks)
     block = None
     if numbers["block"] is not None:
-        block = BlockProgress(**numbers["block"], optimizer=payload["optimizer"])
+        block = BlockProgress(
+            **numbers["block"], optimizer=payload["optimizer"], best=payload.get("block_best")
+        )
     return TrainerState(
         config=json.loads(payload["config"]),
         history=json.loads(payload["history"]),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,6 +18,7 @@ from .errors import InputError
 __all__ = [
     "RESUMABLE",
     "SEED_MAX",
+    "VALIDATION_ROWS",
     "DataConfig",
     "JKOConfig",
     "TrainingConfig",
@@ -32,6 +33,8 @@ __all__ = [
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CACHE_POLICIES = ("auto", "device", "host")
 DEVICE_TYPES = ("cpu", "cuda")
+VALIDATION_ROWS = 4096
+"""Validation rows an early-stopping check of a JKO block measures (the first ones)."""
 SEED_MAX = 2**32 - 1
 """Largest seed: seeds are 32-bit, as numpy's, so that the seeds derived from
 them (per block, per step and rank) fit torch's 64-bit generators."""
@@ -168,7 +171,8 @@ class TrainingConfig:
     (:meth:`make_block`; a ``block_options`` entry keyed by a block type this
     config uses holds options for that type only, e.g. ``{"mlp": {"activation":
     "softplus"}}``, and may override ``width`` and ``depth``);
-    ``iters`` Adam steps with mini-batches of ``batch_size`` and initial
+    ``iters`` Adam steps with mini-batches of ``batch_size`` (0: automatic,
+    :meth:`batch_for`: min(:attr:`AUTO_BATCH`, training rows)) and initial
     learning rate ``lr``; ``train_steps`` RK4 steps per block in training and
     ``eval_steps`` for evaluation and sampling; training stops after
     ``max_seconds`` of optimisation (0: no limit).
@@ -191,8 +195,11 @@ class TrainingConfig:
     width: int = 32
     depth: int = 1
     block_options: dict[str, Any] = field(default_factory=dict)
+    AUTO_BATCH: ClassVar[int] = 2048
+    """The mini-batch size of ``batch_size=0`` when the training set is at least that large."""
+
     iters: int = 400
-    batch_size: int = 2048
+    batch_size: int = 0
     lr: float = 0.05
     train_steps: int = 4
     eval_steps: int = 8
@@ -209,12 +216,10 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         check_types(self)
         check_positive(self, ("lr",), float)
-        _check_count(self, ("checkpoint_every", "nan_retries"))
+        _check_count(self, ("checkpoint_every", "nan_retries", "batch_size"))
         if not (isinstance(self.nan_lr_factor, (int, float)) and 0 < self.nan_lr_factor < 1):
             raise InputError(f"nan_lr_factor must be in (0, 1), got {self.nan_lr_factor!r}")
-        check_positive(
-            self, ("width", "depth", "iters", "batch_size", "train_steps", "eval_steps", "chunk_size"), int
-        )
+        check_positive(self, ("width", "depth", "iters", "train_steps", "eval_steps", "chunk_size"), int)
         check_seed(self.seed)
         if self.train_steps > self.eval_steps:
             raise InputError(
@@ -233,6 +238,27 @@ class TrainingConfig:
                 raise InputError(f"block_options[{name!r}] must be a dict of options for {name!r} blocks")
         resolve_dtype(self.dtype)
         parse_device(self.device)
+
+    def batch_for(self, rows: int, processes: int = 1) -> int:
+        """The mini-batch size on a training set of ``rows`` rows: ``batch_size``,
+        or with ``batch_size=0`` min(:attr:`AUTO_BATCH`, ``rows``). Raises
+        InputError when a given size exceeds ``rows`` or the batch is smaller
+        than the number of ``processes``.
+
+        >>> from jkoflow.config import TrainingConfig
+        >>> auto, fixed = TrainingConfig(), TrainingConfig(batch_size=64)
+        >>> auto.batch_for(1257), auto.batch_for(100_000), fixed.batch_for(1257)
+        (1257, 2048, 64)
+        """
+        batch = self.batch_size or min(self.AUTO_BATCH, rows)
+        if rows < batch:
+            raise InputError(
+                f"the training set has {rows} rows but batch_size is {batch}; "
+                "lower the batch size (0: automatic) or give more data"
+            )
+        if batch < processes:
+            raise InputError(f"batch_size ({batch}) must be at least the number of processes ({processes})")
+        return batch
 
     def block_types_used(self) -> tuple[str, ...]:
         """The block type names this config can build."""
@@ -269,7 +295,7 @@ class JKOConfig(TrainingConfig):
     added until Ter(k) < ``ter_eps`` or ``max_blocks`` blocks exist.
 
     Optimisation per block: ``iters`` Adam steps on mini-batches of
-    ``batch_size`` cached pushed samples, lr cosine-decayed from ``lr`` to
+    ``batch_size`` cached pushed samples (0: min(1024, training rows)), lr cosine-decayed from ``lr`` to
     ``lr * lr_final_factor``. Each block starts from its type's initialisation
     (near the identity map for ``otflow``, so the step starts at p_{k−1}); with
     ``warm_start`` block k starts from the weights of block k − 1 instead.
@@ -282,6 +308,14 @@ class JKOConfig(TrainingConfig):
     Mixed flows: with ``block_types`` non-empty, block k is of type
     ``block_types[min(k, len(block_types) − 1)]`` (the last entry repeats) and
     ``block`` is not used; e.g. ``("otflow", "otflow", "mlp")``.
+
+    Early stopping (:class:`jkoflow.loop.Plateau`): before its first step,
+    every ``val_every`` Adam steps (0: never) and after its last, a block's
+    validation NLL is measured (on up to :data:`VALIDATION_ROWS` rows); the
+    block stops after ``patience`` checks in a row without a new best and
+    keeps its weights at the best check, so ``iters`` is an upper bound and a
+    block on small data stops before it overfits (and is never worse on the
+    validation rows than the flow before it).
 
     Integration: ``train_steps`` RK4 steps per block in training,
     ``eval_steps`` for pushing, NLL and sampling. Step control
@@ -333,8 +367,9 @@ class JKOConfig(TrainingConfig):
         | https://arxiv.org/abs/2212.14424
     """
 
+    AUTO_BATCH: ClassVar[int] = 1024
+
     iters: int = 1200
-    batch_size: int = 1024
     h0: float = 5.0
     rho: float = 1.5
     h_max: float = 20.0
@@ -357,6 +392,8 @@ class JKOConfig(TrainingConfig):
     step_tol: float = 1e-3
     inversion_tol: float = 1e-4
     step_doublings: int = 2
+    val_every: int = 100
+    patience: int = 3
 
     def __post_init__(self) -> None:
         for name in ("refine", "block_types"):  # JSON gives lists
@@ -368,7 +405,8 @@ class JKOConfig(TrainingConfig):
         positive = ("h0", "rho", "h_max", "ter_eps", "reparam_tol", "h_min", "step_tol", "inversion_tol")
         check_positive(self, positive, float)
         check_positive(self, ("max_blocks",), int)
-        _check_count(self, ("reparam_iters", "stage_iters", "max_batches", "step_doublings"))
+        _check_count(self, ("reparam_iters", "stage_iters", "max_batches", "step_doublings", "val_every"))
+        check_positive(self, ("patience",), int)
         if not 0 <= self.lr_final_factor <= 1:
             raise InputError(f"lr_final_factor must be in [0, 1], got {self.lr_final_factor!r}")
         if self.h_min > self.h_max:

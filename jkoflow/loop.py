@@ -37,6 +37,7 @@ __all__ = [
     "Hook",
     "Interrupt",
     "Objective",
+    "Plateau",
     "Records",
     "Rollback",
     "Step",
@@ -396,6 +397,67 @@ class Interrupt(Hook):
         step.seconds, stop = self.group.agree(step.seconds, self.interrupted)
         self.interrupted = self.interrupted or stop
         step.stop = stop
+
+
+class Plateau(Hook):
+    """Early stopping on a validation number ``measure()`` (lower is better):
+    measured before the first step, after every ``every`` steps and after the
+    last (``iters``), recorded in ``progress.checks``; the weights of
+    ``module`` at the best check are kept in ``progress.best``. The loop stops
+    once ``patience`` checks in a row are not below the best, and when it ends
+    the best weights are put back. Measuring counts as the step's time.
+
+    Example:
+        >>> from jkoflow.checkpoint import BlockProgress
+        >>> from jkoflow.loop import Plateau, Step
+        >>> module, values = torch.nn.Linear(1, 1), iter([3.0, 2.0, 2.5, 2.25])
+        >>> progress = BlockProgress(index=0)
+        >>> hook = Plateau(progress, module, 1, 2, 10, lambda: next(values))  # checks at step 0
+        >>> for it in range(3):
+        ...     progress.count(1.0, 0.1)
+        ...     hook.measure(Step(it, 0.1, {"loss": 1.0}, seconds=0.1))
+        >>> progress.checks, hook.done()  # 2.5 and 2.25 are not below 2.0
+        ([[0, 3.0], [1, 2.0], [2, 2.5], [3, 2.25]], True)
+    """
+
+    def __init__(
+        self,
+        progress: BlockProgress,
+        module: torch.nn.Module,
+        every: int,
+        patience: int,
+        iters: int,
+        measure: Callable[[], float],
+    ) -> None:
+        self.progress, self.module, self.every, self.patience = progress, module, every, patience
+        self.iters, self.value = iters, measure
+        if not progress.checks:
+            self._check(progress.iter)
+
+    def _check(self, it: int) -> None:
+        value, checks = float(self.value()), self.progress.checks
+        if not checks or value < min(v for _, v in checks):
+            self.progress.best = copy.deepcopy(self.module.state_dict())
+        checks.append([it, value])
+
+    def stale(self) -> int:
+        """Checks since the best one."""
+        values = [v for _, v in self.progress.checks]
+        return len(values) - 1 - values.index(min(values)) if values else 0
+
+    def done(self) -> bool:
+        return self.stale() >= self.patience
+
+    def measure(self, step: Step) -> None:
+        it = step.it + 1  # the step count once this step is counted
+        if it % self.every == 0 or it == self.iters:
+            tick = time.perf_counter()
+            self._check(it)
+            step.seconds += time.perf_counter() - tick
+
+    def close(self) -> None:
+        if self.progress.best is not None and self.stale() > 0:
+            self.module.load_state_dict(self.progress.best)
 
 
 @dataclass

@@ -246,7 +246,8 @@ class _OTFlowObjective:
     def loss(self) -> tuple[Tensor, dict[str, Tensor]]:
         config = self.config
         self.block.train()
-        index = torch.randint(len(self.x), (config.batch_size,), generator=self.generator).to(self.x.device)
+        batch = config.batch_for(len(self.x))
+        index = torch.randint(len(self.x), (batch,), generator=self.generator).to(self.x.device)
         terms = otflow_loss(self.block, self.x[index], config.train_steps, config.alpha_c, config.alpha_r)
         return terms.loss, terms._asdict()
 
@@ -293,11 +294,7 @@ def train_otflow(
     dim = x_train.shape[1] if x_train.dim() == 2 else -1
     x_train = as_data_tensor(x_train, dim, place.like, "training data")
     x_val = as_data_tensor(x_val, dim, place.like, "validation data")
-    if len(x_train) < config.batch_size:
-        raise InputError(
-            f"the training set has {len(x_train)} rows but batch_size is {config.batch_size}; "
-            "lower the batch size or give more data"
-        )
+    config.batch_for(len(x_train))
     run = _OTFlowRun(x_train, x_val, config, place, saved.flow if saved else None, checkpoint, callback)
     if saved is not None:
         run.restore(saved)

@@ -65,16 +65,7 @@ def check_training(
         data_tensor(x, dim, dtype, f"the {name} data")
         for x, name in zip(splits, ("training", "validation", "test"), strict=True)
     )
-    rows = len(tensors[0])
-    if rows < config.batch_size:
-        raise InputError(
-            f"the training set has {rows} rows but batch_size is {config.batch_size}; "
-            "lower --batch-size or give more data"
-        )
-    if config.batch_size < processes:
-        raise InputError(
-            f"batch_size ({config.batch_size}) must be at least the number of processes ({processes})"
-        )
+    config.batch_for(len(tensors[0]), processes)
     Flow.for_data(tensors[0], config.eval_steps, config.standardize)
     for k in range(n_blocks):
         config.make_block(dim, k).to(device=device, dtype=dtype)

@@ -35,9 +35,9 @@ from blocks import Block
 
 from . import distributed
 from .checkpoint import BlockProgress
-from .config import JKOConfig
+from .config import VALIDATION_ROWS, JKOConfig
 from .errors import TrainingError
-from .loop import FAULTS, Bar, Checkpoints, Records, Rollback, Step, optimize, snapshot_parts
+from .loop import FAULTS, Bar, Checkpoints, Plateau, Records, Rollback, Step, optimize, snapshot_parts
 from .objectives import JKOLoss, jko_loss
 from .placement import Placement
 from .records import GROWING, BlockRecord, JKOHistory, Selection, StageRecord, movement_spread
@@ -68,6 +68,7 @@ class JKOObjective:
         self.block, self.h, self.iters, self.x = block, plan.h, plan.iters, x
         self.train_steps = plan.train_steps or config.train_steps
         self.config, self.generator, self.placement = config, generator, placement
+        self.batch = config.batch_for(len(x))
         self.step = step  # mini-batches taken so far (seeds the ranks' noise)
         self.parallel = distributed.data_parallel(block, placement.group, placement.device)
 
@@ -78,7 +79,7 @@ class JKOObjective:
 
     def loss(self) -> tuple[Tensor, dict[str, Tensor]]:
         config, x = self.config, self.x
-        index = torch.randint(len(x), (config.batch_size,), generator=self.generator)
+        index = torch.randint(len(x), (self.batch,), generator=self.generator)
         if self.parallel is None:
             batch = self.placement.compute(x[index.to(x.device)])
             terms = jko_loss(self.block, batch, self.h, self.train_steps, config.transport)  # type: ignore[arg-type]
@@ -143,9 +144,13 @@ def _rollback(
     return Rollback(progress, parts, config.nan_retries, config.nan_lr_factor, give_up, report)
 
 
-def _optimize_block(trainer: JKOTrainer, block: Block, plan: BlockPlan, x: Tensor) -> BlockProgress:
-    """Adam steps on the JKO loss of block ``plan.index`` on the shared loop,
-    continuing its saved progress if it has one; a non-finite step rolls back."""
+def _optimize_block(
+    trainer: JKOTrainer, block: Block, plan: BlockPlan, cached: dict[str, Pushed]
+) -> BlockProgress:
+    """Adam steps on the JKO loss of block ``plan.index`` on the shared loop
+    (training samples ``cached["train"]``), continuing its saved progress if
+    it has one; a non-finite step rolls back; early stopping on the validation
+    NLL of ``cached["val"]`` (:class:`~jkoflow.loop.Plateau`)."""
     k, config, history = plan.index, trainer.config, trainer.history
     block.train()
     optimizer = torch.optim.Adam(block.parameters(), lr=config.lr)
@@ -156,7 +161,13 @@ def _optimize_block(trainer: JKOTrainer, block: Block, plan: BlockPlan, x: Tenso
         optimizer.load_state_dict(progress.optimizer)
     trainer.optimizer = optimizer
     objective = JKOObjective(
-        block, plan, x, config, trainer.generator, trainer.placement, lambda: trainer.budget.batches
+        block,
+        plan,
+        cached["train"].x,
+        config,
+        trainer.generator,
+        trainer.placement,
+        lambda: trainer.budget.batches,
     )
     rollback = _rollback(trainer, block, optimizer, progress)
     rollback.snapshot()
@@ -176,6 +187,7 @@ def _optimize_block(trainer: JKOTrainer, block: Block, plan: BlockPlan, x: Tenso
         return {"loss": f"{step.terms['loss']:.4f}", "h": _shown(plan.h)} if step.it % 10 == 0 else None
 
     hooks = [
+        *_plateau(trainer, block, progress, plan.iters, cached["val"]),
         trainer.interrupt,
         trainer.budget,
         Records(history.iterations, record, trainer.callback),
@@ -186,6 +198,24 @@ def _optimize_block(trainer: JKOTrainer, block: Block, plan: BlockPlan, x: Tenso
     block.eval()
     trainer.optimizer, progress.optimizer = None, None
     return progress
+
+
+def _plateau(
+    trainer: JKOTrainer, block: Block, progress: BlockProgress, iters: int, val: Pushed
+) -> list[Plateau]:
+    """The early-stopping hook of a block (none with ``val_every=0``): the
+    validation NLL of the flow up to the block on the first
+    :data:`~jkoflow.config.VALIDATION_ROWS` validation rows."""
+    config = trainer.config
+    if not config.val_every:
+        return []
+    rows = val.head(min(len(val.x), VALIDATION_ROWS))
+
+    def val_nll() -> float:
+        with torch.no_grad():
+            return trainer.samples.push(block, rows).nll()
+
+    return [Plateau(progress, block, config.val_every, config.patience, iters, val_nll)]
 
 
 Measured = tuple[dict[str, Pushed], float, float, bool]
@@ -217,7 +247,7 @@ def _train_with_step_control(
         plan = dataclasses.replace(plan, train_steps=saved.train_steps, iters=saved.iters)
     while True:
         block.requires_grad_(True)
-        progress = _optimize_block(trainer, block, plan, cached["train"].x)
+        progress = _optimize_block(trainer, block, plan, cached)
         block.requires_grad_(False)
         start = time.perf_counter()
         moved, change, error, fits = _fits_its_steps(trainer, block, cached)

@@ -69,15 +69,7 @@ def _data_sets(
     sets = {"train": x_train, "val": as_data_tensor(x_val, dim, place.host, "validation data")}
     if x_test is not None:
         sets["test"] = as_data_tensor(x_test, dim, place.host, "test data")
-    if len(x_train) < config.batch_size:
-        raise InputError(
-            f"the training set has {len(x_train)} rows but batch_size is {config.batch_size}; "
-            "lower the batch size or give more data"
-        )
-    if config.batch_size < place.group.size:
-        raise InputError(
-            f"batch_size ({config.batch_size}) must be at least the number of processes ({place.group.size})"
-        )
+    config.batch_for(len(x_train), place.group.size)
     return sets
 
 

@@ -1,0 +1,73 @@
+"""Early stopping of JKO blocks on the validation NLL (jkoflow.loop.Plateau),
+and the automatic mini-batch size on small training sets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import jkoflow
+from jkoflow import JKOConfig, JKOTrainer, OTFlowConfig, datasets, train_jko, train_otflow
+from jkoflow.metrics import nll
+
+# 240 training rows, 8-d: a width-32 block overfits them within a few hundred steps
+SMALL = datasets.load_split("gmm:d=8,k=5,seed=0", n=300, seed=0)
+CONFIG = JKOConfig(iters=600, val_every=25, patience=2, max_blocks=1, train_steps=2, eval_steps=4, step_doublings=0)
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_a_block_on_small_data_stops_early_and_keeps_its_best_weights():
+    trainer = JKOTrainer(*SMALL, config=CONFIG)
+    before = nll(trainer.flow, SMALL[1])  # the flow before the block: the standard normal
+    record = trainer.add_block()
+    assert record.n_batches < CONFIG.iters  # stopped on the plateau, not by the step count
+    checks = trainer.history.stages[0].blocks[0]  # the record, for its numbers
+    val = nll(trainer.flow, SMALL[1])
+    assert val == pytest.approx(record.val_nll, abs=1e-5)
+    assert val <= before + 1e-5  # never worse on the validation rows than before the block
+    full = JKOTrainer(*SMALL, config=dataclasses.replace(CONFIG, val_every=0)).add_block()
+    assert full.n_batches == CONFIG.iters  # without checks every step is taken
+    assert record.val_nll < full.val_nll  # and the block overfits: its validation NLL is worse
+    assert checks.test_nll < full.test_nll
+
+
+def test_the_checks_and_best_weights_survive_a_kill_and_resume(tmp_path):
+    config = dataclasses.replace(CONFIG, checkpoint_every=10)
+    reference = train_jko(*SMALL, config=config)
+    seen: list[dict] = []
+
+    def kill_at_step_37(record: dict) -> None:
+        seen.append(record)
+        if len(seen) == 37:
+            raise _Kill
+
+    path = tmp_path / "trainer.pt"
+    with pytest.raises(_Kill):
+        train_jko(*SMALL, config=config, checkpoint=path, callback=kill_at_step_37)
+    saved = jkoflow.checkpoint.load_state(path)
+    assert [it for it, _ in saved.block.checks] == [0, 25] and saved.block.best is not None
+    flow, history = train_jko(*SMALL, config=config, checkpoint=path, resume=True)
+    assert [r["loss"] for r in history.iterations] == [r["loss"] for r in reference[1].iterations]
+    assert all(torch.equal(a, b) for a, b in zip(flow.state_dict().values(), reference[0].state_dict().values()))
+
+
+def test_the_batch_size_adapts_to_a_small_training_set():
+    rows = len(SMALL[0])
+    assert JKOConfig().batch_for(rows) == rows and JKOConfig().batch_for(10**6) == 1024
+    assert OTFlowConfig().batch_for(rows) == rows and OTFlowConfig().batch_for(10**6) == 2048
+    with pytest.raises(jkoflow.InputError, match=f"has {rows} rows but batch_size is 4096"):
+        JKOConfig(batch_size=4096).batch_for(rows)
+    config = OTFlowConfig(width=8, iters=20, val_every=10, train_steps=2, eval_steps=4, alpha_r=0.0)
+    flow, history = train_otflow(SMALL[0], SMALL[1], config)  # 240 rows < the default 2048
+    assert history.n_batches == 20 and torch.isfinite(flow.log_prob(torch.as_tensor(SMALL[2]))).all()
+
+
+@pytest.mark.parametrize("kwargs", [{"val_every": -1}, {"patience": 0}, {"batch_size": -2}])
+def test_bad_early_stopping_settings_are_refused(kwargs):
+    with pytest.raises(jkoflow.InputError, match=next(iter(kwargs))):
+        JKOConfig(**kwargs)
