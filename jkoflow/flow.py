@@ -1,11 +1,14 @@
 r"""The Flow: an ordered composition of blocks, T = T_L ∘ … ∘ T_1 ∘ S.
 
-S is a fixed affine standardisation x ↦ (x − shift)/scale (identity unless the
-flow was trained on standardised data), so that every method works in the data
-space:
+S is a fixed affine standardisation x ↦ M (x − shift)/scale, with M a
+lower-triangular decorrelating matrix (S is the identity unless the flow was
+trained on standardised data), so that every method works in the data space:
 
 .. math::
-    \log p(x) = \log N(T(x); 0, I) + \sum_k ℓ_k(x) − \sum_j \log \mathrm{scale}_j.
+    \log p(x) = \log N(T(x); 0, I) + \sum_k ℓ_k(x) − \sum_j \log \mathrm{scale}_j + \log|\det M|.
+
+With no blocks, the flow is the Gaussian N(shift, diag(scale)·(MᵀM)⁻¹·diag(scale)):
+standardised data give the full-covariance Gaussian fit of the training set.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class Flow(nn.Module):
         blocks: The blocks T_1, …, T_L in the order data pass through them.
         steps: RK4 steps per block for every evaluation (log_prob, sample, …).
         shift, scale: Standardisation (d,), default 0 and 1.
+        mix: Decorrelation M (d, d), lower-triangular, default the identity.
 
     Example:
         >>> import torch, blocks, jkoflow
@@ -85,6 +89,7 @@ class Flow(nn.Module):
         steps: int = 8,
         shift: Tensor | None = None,
         scale: Tensor | None = None,
+        mix: Tensor | None = None,
     ) -> None:
         super().__init__()
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -94,20 +99,32 @@ class Flow(nn.Module):
         self.blocks = nn.ModuleList()
         self.register_buffer("shift", torch.zeros(dim) if shift is None else shift.detach().clone())
         self.register_buffer("scale", torch.ones(dim) if scale is None else scale.detach().clone())
+        like = {"dtype": self.shift.dtype, "device": self.shift.device}
+        self.register_buffer("mix", torch.eye(dim, **like) if mix is None else mix.detach().clone())
         for block in blocks:
             self.append(block)
 
     @classmethod
     def for_data(cls, x: Tensor, steps: int, standardize: bool = False) -> Flow:
-        """An empty flow for data ``x`` (n, d), on its dtype and device; with
-        ``standardize`` its fixed map is (x − mean)/std of ``x``."""
+        """An empty flow for data ``x`` (n, d), on its dtype and device. With
+        ``standardize`` its fixed map is S(x) = M (x − mean)/std with M = L⁻¹,
+        LLᵀ the correlation matrix of ``x`` (Cholesky; computed in float64):
+        S whitens ``x``, and the empty flow is the Gaussian fit of ``x``."""
         if not standardize:
             return cls(x.shape[1], steps=steps).to(x)
         scale = x.std(0)
         if (scale <= 0).any():
             column = int((scale <= 0).nonzero()[0])
             raise InputError(f"cannot standardise: column {column} of the training data is constant")
-        return cls(x.shape[1], steps=steps, shift=x.mean(0), scale=scale).to(x)
+        u = ((x - x.mean(0)) / scale).double()
+        lower, info = torch.linalg.cholesky_ex(u.T @ u / max(len(u) - 1, 1))
+        if info != 0:
+            raise InputError(
+                "cannot standardise: the columns of the training data are linearly dependent "
+                "(their correlation matrix is singular); drop the redundant columns"
+            )
+        mix = torch.linalg.solve_triangular(lower, torch.eye(len(lower), dtype=u.dtype), upper=False)
+        return cls(x.shape[1], steps=steps, shift=x.mean(0), scale=scale, mix=mix.to(x)).to(x)
 
     def append(self, block: Block) -> None:
         """Adds a block at the end (the latent side) of the flow."""
@@ -123,17 +140,27 @@ class Flow(nn.Module):
     def head(self, n: int) -> Flow:
         """The flow of the first ``n`` blocks (the same modules, not copies) with
         the same standardisation and steps: T_n ∘ … ∘ T_1 ∘ S."""
-        return Flow(self.dim, self.blocks[:n], self.steps, self.shift, self.scale)
+        return Flow(self.dim, self.blocks[:n], self.steps, self.shift, self.scale, self.mix)
 
     def with_steps(self, steps: int) -> Flow:
         """The same blocks (not copies) and standardisation, evaluated with
         ``steps`` RK4 steps per block."""
-        return Flow(self.dim, self.blocks, steps, self.shift, self.scale)
+        return Flow(self.dim, self.blocks, steps, self.shift, self.scale, self.mix)
 
     def standardize(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """S(x) and its log-determinant −Σ log scale (broadcast to (n,))."""
-        logdet = -self.scale.log().sum().expand(x.shape[0])
-        return (x - self.shift) / self.scale, logdet
+        """S(x) = M (x − shift)/scale (n, d) and its log-determinant (broadcast to (n,))."""
+        u = (x - self.shift) / self.scale
+        return u @ self.mix.T, self.standardize_logdet().expand(x.shape[0])
+
+    def standardize_logdet(self) -> Tensor:
+        """log|det ∇S| = log|det M| − Σ log scale (a scalar): data-space NLL =
+        standardised NLL − this."""
+        return self.mix.diagonal().abs().log().sum() - self.scale.log().sum()
+
+    def unstandardize(self, z: Tensor) -> Tensor:
+        """S⁻¹(z) = scale · M⁻¹ z + shift for z (n, d)."""
+        u = torch.linalg.solve_triangular(self.mix, z.T, upper=False).T
+        return u * self.scale + self.shift
 
     def forward(self, x: Tensor, chunk_size: int = 16384) -> tuple[Tensor, Tensor]:
         """Data → latent: z = T(x) (n, d) and log|det ∇T(x)| (n,)."""
@@ -155,7 +182,7 @@ class Flow(nn.Module):
         def run(part: Tensor) -> Tensor:
             for block in reversed(self.blocks):
                 part = integrate(block, part, self.steps, t0=1.0, t1=0.0).z
-            return part * self.scale + self.shift
+            return self.unstandardize(part)
 
         return chunked(run, z, chunk_size)
 
@@ -202,8 +229,9 @@ class Flow(nn.Module):
                     made.append(block_registry.make(spec["type"], **spec["config"]))
                 except (TypeError, ValueError) as error:
                     raise InputError(f"cannot rebuild the flow in {where}: {error}") from None
-            state = payload["state"]
+            state = dict(payload["state"])
             dtype = state["shift"].dtype
+            state.setdefault("mix", torch.eye(config["dim"], dtype=dtype))  # files before decorrelation
             for key, value in state.items():
                 if not isinstance(value, Tensor) or value.dtype != dtype or not dtype.is_floating_point:
                     raise TypeError(f"entry {key!r} is not a {dtype} tensor")

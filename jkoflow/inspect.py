@@ -115,7 +115,7 @@ def pullback(flow: Flow, z: Any) -> list[Tensor]:
     """N(0, I) samples ``z`` (n, d) pulled back block by block, in the blocks'
     coordinates: ``states[L] = z`` and ``states[k−1] = T_k⁻¹(states[k])``, so
     ``states[k]`` is a sample of the model's distribution of z_k and
-    ``states[0] · scale + shift`` equals ``flow.inverse(z)``."""
+    ``flow.unstandardize(states[0])`` equals ``flow.inverse(z)``."""
     z = as_data_tensor(z, flow.dim, flow.shift, what="z")
     states = [z]
     with torch.no_grad():

@@ -380,7 +380,7 @@ class _OTFlowRun:
     def _record(self, step: Step) -> dict[str, Any]:
         """The per-step record: ``iter``, ``loss``, ``nll`` (of the data, nats),
         ``transport``, ``hjb``, ``lr``, ``seconds``."""
-        t, log_scale = step.terms, float(self.flow.scale.log().sum())
+        t, log_scale = step.terms, -float(self.flow.standardize_logdet())
         return {
             "iter": step.it,
             "loss": t["loss"],

@@ -294,7 +294,7 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
     ``flow``, the selected candidate (``selected``: its stage, blocks and NLLs)."""
     records = history.selected_blocks()
     last = records[-1] if records else {}
-    log_scale = float(flow.scale.log().sum())
+    log_scale = -float(flow.standardize_logdet())
     summary = {
         "test_nll": last.get("test_nll"),
         "selected": history.selected.to_dict() if history.selected else None,

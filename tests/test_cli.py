@@ -129,7 +129,7 @@ def _bad_files(tmp_path):
         (["--data", "{t}/nan.csv"], "NaN or inf"),
         (["--data", "{t}/three.npy"], "too few rows to split"),
         (["--data", "moons", "--n-samples", "0"], "n_samples must be a positive"),
-        (["--data", "moons", "--batch-size", "0"], "batch_size must be a positive"),
+        (["--data", "moons", "--batch-size", "-3"], "batch_size must be a non-negative"),
         (["--data", "moons", "--eval-steps", "0"], "eval_steps must be a positive"),
         (["--data", "moons", "--h-max", "-1"], "h_max must be a positive"),
         (["--data", "moons", "--checkpoint-every", "-1"], "checkpoint_every must be a non-negative"),

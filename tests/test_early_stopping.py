@@ -14,7 +14,9 @@ from jkoflow.metrics import nll
 
 # 240 training rows, 8-d: a width-32 block overfits them within a few hundred steps
 SMALL = datasets.load_split("gmm:d=8,k=5,seed=0", n=300, seed=0)
-CONFIG = JKOConfig(iters=600, val_every=25, patience=2, max_blocks=1, train_steps=2, eval_steps=4, step_doublings=0)
+CONFIG = JKOConfig(
+    iters=600, val_every=25, patience=2, max_blocks=1, train_steps=2, eval_steps=4, step_doublings=0
+)
 
 
 class _Kill(Exception):
@@ -53,7 +55,10 @@ def test_the_checks_and_best_weights_survive_a_kill_and_resume(tmp_path):
     assert [it for it, _ in saved.block.checks] == [0, 25] and saved.block.best is not None
     flow, history = train_jko(*SMALL, config=config, checkpoint=path, resume=True)
     assert [r["loss"] for r in history.iterations] == [r["loss"] for r in reference[1].iterations]
-    assert all(torch.equal(a, b) for a, b in zip(flow.state_dict().values(), reference[0].state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(flow.state_dict().values(), reference[0].state_dict().values(), strict=True)
+    )
 
 
 def test_the_batch_size_adapts_to_a_small_training_set():

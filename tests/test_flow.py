@@ -158,3 +158,55 @@ def test_head_is_the_first_blocks_with_the_same_standardisation(random_otflow):
     assert torch.equal(head.log_prob(x), expected.log_prob(x))
     assert torch.equal(flow.head(2).log_prob(x), flow.log_prob(x))
     assert not torch.allclose(head.log_prob(x), flow.log_prob(x))
+
+
+# -- the decorrelating standardisation -----------------------------------------------
+
+
+def _correlated(n: int = 4000, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    noise = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return torch.cat([a, 3 * a + 0.1 * noise[:, :1], -a + noise[:, 1:2], 5 + 2 * noise[:, 2:]], 1)
+
+
+def test_standardised_empty_flow_is_the_full_covariance_gaussian_fit():
+    x = _correlated()
+    flow = Flow.for_data(x, steps=4, standardize=True)
+    z, _ = flow(x)
+    eye = torch.eye(4, dtype=torch.float64)
+    assert torch.allclose(z.T @ z / (len(z) - 1), eye, atol=1e-10)  # S whitens the training data
+    gauss = torch.distributions.MultivariateNormal(x.mean(0), torch.cov(x.T))
+    assert torch.allclose(flow.log_prob(x[:100]), gauss.log_prob(x[:100]), rtol=0, atol=1e-10)
+    assert torch.allclose(torch.tril(flow.mix), flow.mix)  # M is lower-triangular
+
+
+def test_decorrelated_flow_inverts_and_saves(tmp_path):
+    x = _correlated(seed=1)
+    flow = Flow.for_data(x, steps=4, standardize=True)
+    flow.append(blocks.make("otflow", dim=4, width=8).double())
+    z, logdet = flow(x[:200])
+    assert float((flow.inverse(z) - x[:200]).abs().max()) < 1e-8
+    ref = torch.func.jacrev(lambda v: flow(v[None])[0][0])(x[0])
+    assert float(logdet[0]) == pytest.approx(float(torch.linalg.slogdet(ref)[1]), abs=1e-6)
+    flow.save(tmp_path / "f.pt")
+    back = Flow.load(tmp_path / "f.pt")
+    assert torch.equal(back.mix, flow.mix) and torch.equal(back.log_prob(x[:50]), flow.log_prob(x[:50]))
+
+
+def test_a_payload_without_decorrelation_reads_as_the_identity():
+    flow = Flow(
+        2, [blocks.make("otflow", dim=2, width=8)], steps=4, shift=torch.ones(2), scale=2 * torch.ones(2)
+    )
+    payload = flow.to_payload()
+    del payload["state"]["mix"]
+    back = Flow.from_payload(payload)
+    x = torch.randn(20, 2)
+    assert torch.equal(back.mix, torch.eye(2)) and torch.equal(back.log_prob(x), flow.log_prob(x))
+
+
+def test_linearly_dependent_columns_cannot_be_standardised():
+    x = torch.randn(100, 2, dtype=torch.float64)
+    x = torch.cat([x, x.sum(1, keepdim=True)], 1)
+    with pytest.raises(InputError, match="linearly dependent"):
+        Flow.for_data(x, steps=4, standardize=True)
