@@ -222,3 +222,19 @@ def test_jko_study_rows_chain_and_match_the_entropy(tmp_path):
         assert float(r["kl_left_after"]) == pytest.approx(float(r["nll_after"]) - entropy, rel=1e-9)
     assert summary["test_nll"] == pytest.approx(float(rows[-1]["nll_after"]), rel=1e-12)
     assert "| default |" in (tmp_path / "study.md").read_text()
+
+
+def test_ablation_rows_follow_the_stages_and_the_selection(tmp_path):
+    """One row per stage kind, cumulative batches, and the full recipe is the selected flow."""
+    from benchmarks.ablation import ablation
+    from jkoflow import datasets
+
+    base = {"width": 8, "iters": 10, "stage_iters": 5, "batch_size": 128, "max_blocks": 2, "ter_eps": 1e-9}
+    rows = ablation(["8gaussians"], [0], 2000, tmp_path, base=base)
+    assert [r["row"] for r in rows] == ["first pass", "+ reparam", "+ refine", "+ free block", "full recipe"]
+    assert [r["n_batches"] for r in rows] == [20, 30, 50, 60, 60]  # 2×10, 2×5, 4×5, 10
+    entropy = -datasets.target("8gaussians").log_prob(datasets.load_split("8gaussians", n=2000)[2]).mean()
+    assert rows[0]["kl_left"] == pytest.approx(rows[0]["test_nll"] - float(entropy), rel=1e-9)
+    best = {r["row"]: r["test_nll"] for r in rows[:-1]}
+    assert rows[-1]["test_nll"] in best.values() and rows[-1]["selected"]
+    assert "| 8gaussians | + free block |" in (tmp_path / "ablation.md").read_text()
