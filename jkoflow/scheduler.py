@@ -174,14 +174,14 @@ def _optimize_block(
     stage = len(history.stages) - 1
 
     def record(step: Step) -> dict[str, float | int]:
-        return {
-            "stage": stage,
-            "block": k,
-            "iter": step.it,
-            **step.terms,
-            "lr": step.lr,
-            "seconds": progress.seconds,
-        }
+        fields = {"stage": stage, "block": k, "iter": step.it, **step.terms, "lr": step.lr}
+        fields["seconds"] = progress.seconds
+        if progress.checks and progress.checks[-1][0] == step.it + 1:  # an early-stopping check
+            budget = trainer.budget
+            fields.update(
+                val_nll=progress.checks[-1][1], n_batches=budget.batches, train_seconds=budget.seconds
+            )
+        return fields
 
     def postfix(step: Step) -> dict[str, str] | None:
         return {"loss": f"{step.terms['loss']:.4f}", "h": _shown(plan.h)} if step.it % 10 == 0 else None

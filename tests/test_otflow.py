@@ -129,7 +129,10 @@ def test_compare_writes_table_and_plot(tmp_path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(
         json.dumps(
-            {"train": {"iters": 20, "batch_size": 256}, "otflow": {"batch_size": 256, "val_every": 10}}
+            {
+                "train": {"iters": 20, "batch_size": 256, "val_every": 10},
+                "otflow": {"batch_size": 256, "val_every": 10},
+            }
         )
     )
     out = tmp_path / "cmp"
@@ -145,6 +148,13 @@ def test_compare_writes_table_and_plot(tmp_path):
     assert (out / "compare.png").stat().st_size > 10_000
     text = (out / "compare.md").read_text()
     assert "median heuristic" in text and "exact (POT" in text and "| jkoflow |" in text
+    checks = [
+        r for r in json.loads((out / "jko" / "history.json").read_text())["iterations"] if "val_nll" in r
+    ]
+    assert [(r["iter"], r["n_batches"]) for r in checks][:2] == [(9, 10), (19, 20)]  # block 1's checks
+    assert re.search(
+        r"best validation NLL so far is (not )?below OT-Flow's at every OT-Flow validation", text
+    )
     assert "KL(data ‖ model) (nats) |" in text and " ± " in text
     paired = re.search(
         r"Test NLL jkoflow − OT-Flow: ([+-][0-9.]+) ± ([0-9.]+) nats \(paired over the (\d+)", text
