@@ -367,8 +367,10 @@ def _train(args: argparse.Namespace) -> None:
         ) from None
     if not group.is_main:
         return
+    selected = summary["selected"] or {}
+    chosen = f"; selected: {selected['stage']}" if selected.get("stage") else ""
     print(
-        f"{args.out}: {summary['n_blocks']} blocks ({summary['stopped_by']}), "
+        f"{args.out}: {summary['n_blocks']} blocks ({summary['stopped_by']}{chosen}), "
         f"test NLL {summary['test_nll']:.4f} nats ({_steps_note(summary, '/block')}), "
         f"inversion error {summary['inversion_error']:.2e}, {summary['train_seconds']:.0f} s"
     )

@@ -107,8 +107,9 @@ def pushforward(flow: Flow, x: Any) -> Pushforward:
             z, logdet = out.z, logdet + out.logdet
             states.append(z)
             nll.append(-(gaussian_log_prob(z) + logdet).mean())
-    movement = torch.stack([(b - a).pow(2).sum(1).mean().sqrt() for a, b in itertools.pairwise(states)])
-    return Pushforward(states, movement.reshape(len(flow)), torch.stack(nll))
+    steps = [(b - a).pow(2).sum(1).mean().sqrt() for a, b in itertools.pairwise(states)]
+    movement = torch.stack(steps) if steps else z.new_zeros(0)  # a flow with no blocks moves nothing
+    return Pushforward(states, movement, torch.stack(nll))
 
 
 def pullback(flow: Flow, z: Any) -> list[Tensor]:

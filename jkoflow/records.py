@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BlockRecord", "JKOHistory", "Selection", "StageRecord", "movement_spread"]
+__all__ = ["GAUSSIAN", "BlockRecord", "JKOHistory", "Selection", "StageRecord", "movement_spread"]
 
 
 class _Readable:
@@ -196,6 +196,9 @@ class StageRecord(_Readable):
         return cls(**known)
 
 
+GAUSSIAN = "gaussian"
+"""The stage name of the Gaussian-fit candidate (:class:`Selection`)."""
+
 GROWING = ("initial", "extend")
 """Stage kinds that add blocks one at a time: each prefix of their flow is a candidate."""
 
@@ -204,11 +207,12 @@ GROWING = ("initial", "extend")
 class Selection(_Readable):
     """The candidate flow a run returns: the best one by validation NLL.
 
-    Candidates are the flow after every block of a growing stage (``initial``,
-    ``extend``: the first ``n_blocks`` blocks) and the whole flow at the end
-    of every other stage; a later candidate replaces the kept one only when
-    its validation NLL is strictly lower, so more budget never returns a
-    worse flow (by validation NLL).
+    Candidates are the Gaussian fit of the training set (stage
+    :data:`GAUSSIAN`, no blocks: the floor of a run), the flow after every
+    block of a growing stage (``initial``, ``extend``: the first ``n_blocks``
+    blocks) and the whole flow at the end of every other stage; a later
+    candidate replaces the kept one only when its validation NLL is strictly
+    lower, so more budget never returns a worse flow (by validation NLL).
 
     Attributes:
         stage: Name of the stage it came from.
@@ -321,6 +325,8 @@ class JKOHistory:
         records of the stage before for blocks that stage did not train."""
         if self.selected is None:
             return self.blocks
+        if self.selected.stage == GAUSSIAN:
+            return []
         at = [s.name for s in self.stages].index(self.selected.stage)
         return _blocks_of(self.stages[: at + 1], self.selected.n_blocks)
 

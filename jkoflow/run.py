@@ -296,7 +296,7 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
     last = records[-1] if records else {}
     log_scale = -float(flow.standardize_logdet())
     summary = {
-        "test_nll": last.get("test_nll"),
+        "test_nll": last.get("test_nll", history.selected.test_nll if history.selected else None),
         "selected": history.selected.to_dict() if history.selected else None,
         "n_blocks": len(flow),
         "stopped_by": history.stopped_by,

@@ -39,8 +39,9 @@ from .config import JKOConfig, config_from_dict, resume_config
 from .errors import InputError
 from .flow import Flow, as_data_tensor
 from .loop import Budget, Interrupt
+from .metrics import nll
 from .placement import Placement, resolve_placement
-from .records import GROWING, BlockRecord, JKOHistory, Selection, StageRecord, movement_spread
+from .records import GAUSSIAN, GROWING, BlockRecord, JKOHistory, Selection, StageRecord, movement_spread
 from .samples import Pushed, Samples
 from .scheduler import consider, fit_block, new_block
 from .stages import STAGES, BlockPlan, PlanContext, Slice
@@ -117,6 +118,7 @@ class JKOTrainer:
         sets = _data_sets(x_train, x_val, x_test, config, flow, host)
         dim = next(iter(sets.values())).shape[1]
         self.placement = resolve_placement(config, host.group, sum(len(x) for x in sets.values()), dim)
+        fresh = flow is None
         flow = (
             flow if flow is not None else Flow.for_data(sets["train"], config.eval_steps, config.standardize)
         )
@@ -140,6 +142,8 @@ class JKOTrainer:
         self.finished = False
         self._best: Flow | None = None  # a copy of the selected candidate (history.selected)
         self._carry: tuple[str, int, dict[str, Pushed]] | None = None
+        if fresh:
+            _consider_gaussian(self)
 
     @classmethod
     def resume(
@@ -219,9 +223,10 @@ class JKOTrainer:
     @property
     def best(self) -> tuple[Flow, Selection] | None:
         """The best candidate so far by validation NLL and its record (None before
-        the first): the flow after each block of a growing stage, the whole
-        flow at the end of every other stage (docs/design.md, "The scheduler
-        and its stages")."""
+        the first): the Gaussian fit of the training set (a fresh trainer's
+        first candidate), the flow after each block of a growing stage, the
+        whole flow at the end of every other stage (docs/design.md, "The
+        scheduler and its stages")."""
         selected = self.history.selected
         if self._best is None or selected is None:
             return None
@@ -322,6 +327,27 @@ class JKOTrainer:
         path = path if path is not None else self.checkpoint
         if path is not None and self.placement.group.is_main:
             save_state(self.state(), path)
+
+
+def _consider_gaussian(trainer: JKOTrainer) -> None:
+    """Makes the Gaussian fit of the training set (the flow with no blocks and
+    a decorrelating standardisation, :meth:`Flow.for_data`) the first
+    candidate, so that a run never returns a flow worse than it on the
+    validation set; none when the fit is undefined (constant or linearly
+    dependent columns)."""
+    sets, config = trainer.samples.sets, trainer.config
+    try:
+        gaussian = Flow.for_data(
+            trainer.placement.compute(sets["train"]), config.eval_steps, standardize=True
+        )
+    except InputError:
+        return
+    gaussian = gaussian.to(trainer.placement.like).eval()
+    val, test = (
+        nll(gaussian, sets[name], config.chunk_size) if name in sets else None for name in ("val", "test")
+    )
+    trainer._best = gaussian
+    trainer.history.selected = Selection(GAUSSIAN, 0, val, test)
 
 
 def _refuse_after_free(history: JKOHistory, kind: str) -> None:

@@ -21,8 +21,8 @@ from jkoflow.stages import REPARAM_RULES
 from .test_trainer import _same_weights
 
 CONFIG = JKOConfig(
-    width=8, iters=30, batch_size=128, train_steps=2, eval_steps=4, max_blocks=2, ter_eps=1e-9,
-    reparam_iters=1, reparam_tol=1e-9, reparam_eta=1.0, h_min=1e-4,
+    width=8, iters=60, batch_size=128, train_steps=2, eval_steps=4, max_blocks=2, ter_eps=1e-9,
+    reparam_iters=1, reparam_tol=1e-9, reparam_eta=1.0, h_min=1e-4, val_every=0,
 )  # fmt: skip
 
 
@@ -127,3 +127,30 @@ def test_the_summary_and_flow_pt_are_the_selected_flow(tmp_path, shrink):
     assert _same_weights(saved, Flow.load(out / "flow-initial.pt"))
     assert not _same_weights(saved, Flow.load(out / "flow-reparam-1.pt"))
     assert nll(saved, splits[2]) == pytest.approx(summary["test_nll"], rel=1e-5)
+
+
+def _gaussian_data(n: int = 500, seed: int = 0) -> np.ndarray:
+    """Correlated Gaussian data far from N(0, I): its Gaussian fit beats a briefly trained flow."""
+    g = np.random.default_rng(seed)
+    a = g.standard_normal((n, 1))
+    return np.concatenate([a, 3 * a + 0.1 * g.standard_normal((n, 1)), 5 + 4 * g.standard_normal((n, 3))], 1)
+
+
+def test_a_run_never_returns_a_flow_worse_than_the_gaussian_fit(tmp_path):
+    train, val, test = datasets.split(_gaussian_data(), 0.2, 0.2, seed=0)
+    config = dataclasses.replace(CONFIG, reparam_iters=0, iters=10)
+    flow, history = train_jko(train, val, test, config=config)
+    assert history.selected.stage == "gaussian" and history.selected.n_blocks == 0 and len(flow) == 0
+    assert history.stages[0].val_nll > history.selected.val_nll  # the trained blocks lost
+    x = torch.as_tensor(train)
+    fit = torch.distributions.MultivariateNormal(x.mean(0), torch.cov(x.T))
+    t = torch.as_tensor(test)
+    assert float(-fit.log_prob(t).mean()) == pytest.approx(history.selected.test_nll, abs=1e-4)
+    assert nll(flow, test) == pytest.approx(history.selected.test_nll, abs=1e-5)
+    path = tmp_path / "gauss.npy"
+    np.save(path, _gaussian_data(seed=1))
+    data_config = DataConfig(str(path))
+    summary = run_jko(tmp_path / "run", data_config, config, load_data(data_config), progress=False)
+    assert summary["selected"]["stage"] == "gaussian" and summary["n_blocks"] == 0 and summary["blocks"] == []
+    assert len(Flow.load(tmp_path / "run" / "flow.pt")) == 0
+    assert summary["test_nll"] == pytest.approx(summary["selected"]["test_nll"])
