@@ -205,7 +205,8 @@ def _plateau(
 ) -> list[Plateau]:
     """The early-stopping hook of a block (none with ``val_every=0``): the
     validation NLL of the flow up to the block on the first
-    :data:`~jkoflow.config.VALIDATION_ROWS` validation rows."""
+    :data:`~jkoflow.config.VALIDATION_ROWS` validation rows, the block at its
+    own RK4 steps (``trainer.flow.block_steps(k)``)."""
     config = trainer.config
     if not config.val_every:
         return []
@@ -213,7 +214,7 @@ def _plateau(
 
     def val_nll() -> float:
         with torch.no_grad():
-            return trainer.samples.push(block, rows).nll()
+            return trainer.samples.push(progress.index, rows).nll()
 
     return [Plateau(progress, block, config.val_every, config.patience, iters, val_nll)]
 
