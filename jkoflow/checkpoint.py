@@ -186,7 +186,7 @@ def save_state(state: TrainerState, path: str | os.PathLike) -> None:
         "trainer": state.trainer,
     }
     parents = None
-    if state.parents:
+    if state.parents:  # only cut into time slices, never integrated: step factors 1
         parents = Flow(state.flow.dim, state.parents, steps=state.flow.steps).to_payload()
     payload = {
         "format": FORMAT,

@@ -227,7 +227,11 @@ def _eval_options(evaluate: argparse.ArgumentParser) -> None:
     )
     evaluate.add_argument("--seed", type=int, default=1, help="seed when --data is a toy or target spec")
     evaluate.add_argument(
-        "--eval-steps", type=int, default=None, help="RK4 steps per block (default: the run's)"
+        "--eval-steps",
+        type=int,
+        default=None,
+        help="base RK4 steps per block (default: the run's); a block whose steps the trainer's "
+        "step control doubled keeps that multiple of the base",
     )
     _add_device(evaluate, "to evaluate on")
     _add_common(evaluate)
@@ -383,9 +387,15 @@ STEP_DOUBLING_TOLERANCE = 1e-3
 
 
 def _steps_note(figures: dict[str, Any], per: str = "") -> str:
-    """'8 RK4 steps/block, +0.0002 at 16' from a summary's or eval's figures."""
-    steps = figures["eval_steps"]
-    return f"{steps} RK4 steps{per}, {figures['step_doubling_change']:+.4f} at {2 * steps}"
+    """'8 RK4 steps/block, +0.0002 at 16' from a summary's or eval's figures;
+    '8–16 RK4 steps/block, … at twice those' when the blocks' own counts differ."""
+    from .run import step_range
+
+    fewest, most = step_range(figures)
+    change = f"{figures['step_doubling_change']:+.4f}"
+    if fewest == most:
+        return f"{fewest} RK4 steps{per}, {change} at {2 * fewest}"
+    return f"{fewest}–{most} RK4 steps{per}, {change} at twice those"
 
 
 def _warn_steps(figures: dict[str, Any]) -> None:

@@ -21,7 +21,17 @@ from .config import DataConfig, JKOConfig
 from .metrics import KLResult, mmd2, nll_difference, wasserstein2
 from .otflow import OTFlowConfig
 from .plots import plot_comparison
-from .run import RunFiles, check_jko, check_otflow, load_data, read_json, run_jko, run_otflow, target_kl
+from .run import (
+    RunFiles,
+    check_jko,
+    check_otflow,
+    load_data,
+    read_json,
+    run_jko,
+    run_otflow,
+    step_range,
+    target_kl,
+)
 from .rundir import RunDir, check_out_path
 
 __all__ = ["COLUMNS", "below_everywhere", "best_so_far", "compare", "time_to_reach", "write_comparison"]
@@ -245,7 +255,7 @@ def _markdown(
     n: int,
     paired: KLResult,
 ) -> str:
-    steps = {name: s["eval_steps"] for name, s in summaries.items()}
+    steps = {name: "–".join(dict.fromkeys(map(str, step_range(s)))) for name, s in summaries.items()}
     has_kl = rows[0]["kl"] is not None
     kl_head, kl_rule = (" KL(data ‖ model) (nats) |", " --- |") if has_kl else ("", "")
     lines = [

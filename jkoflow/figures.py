@@ -175,8 +175,9 @@ def _straightness_bars(ax: Axes, flow: Flow, paths: Trajectories, colours: list)
 
 def plot_trajectories(flow: Flow, x: Any, n_paths: int = 300, seed: int = 0) -> Figure:
     """Left: ``n_paths`` paths of S(x) through every block (polylines through
-    the points of an RK4 grid of max(flow.steps, :data:`PATH_STEPS`) steps per
-    block, projected as in :func:`plot_pushforward` for d > 2), each block's
+    the points of an RK4 grid of max(:data:`PATH_STEPS`, the flow's largest
+    per-block count) steps per block, projected as in
+    :func:`plot_pushforward` for d > 2), each block's
     part in its own colour. Right: the measured straightness, mean path length
     / mean end-to-end distance (1 = straight), of each block, or of each parent
     block of a refined flow."""
@@ -186,7 +187,9 @@ def plot_trajectories(flow: Flow, x: Any, n_paths: int = 300, seed: int = 0) -> 
 
     x = as_data_tensor(x, flow.dim, flow.shift)
     axes_2d = principal_axes(flow.standardize(x)[0])
-    paths = trajectories(flow, _subsample(x, n_paths, seed), steps=max(flow.steps, PATH_STEPS))
+    paths = trajectories(
+        flow, _subsample(x, n_paths, seed), steps=max(PATH_STEPS, flow.steps, *flow.step_counts)
+    )
     flat = _numpy(project(paths.paths, axes_2d))  # (L, steps + 1, n, 2)
     colours = [matplotlib.colormaps["viridis"](v) for v in np.linspace(0.0, 0.9, max(len(flow), 1))]
     fig = Figure(figsize=(11, 4.6), layout="constrained")

@@ -96,14 +96,14 @@ class Pushforward(NamedTuple):
 
 
 def pushforward(flow: Flow, x: Any) -> Pushforward:
-    """Pushes ``x`` (n, d) through the flow block by block with the flow's own
-    RK4 steps; ``states[k]`` equals ``flow.head(k)(x)[0]``."""
+    """Pushes ``x`` (n, d) through the flow block by block, each block with its
+    own RK4 steps (``flow.block_steps(k)``); ``states[k]`` equals ``flow.head(k)(x)[0]``."""
     x = as_data_tensor(x, flow.dim, flow.shift)
     with torch.no_grad():
         z, logdet = flow.standardize(x)
         states, nll = [z], [-(gaussian_log_prob(z) + logdet).mean()]
-        for block in flow.blocks:
-            out = integrate(block, z, flow.steps)
+        for k, block in enumerate(flow.blocks):
+            out = integrate(block, z, flow.block_steps(k))
             z, logdet = out.z, logdet + out.logdet
             states.append(z)
             nll.append(-(gaussian_log_prob(z) + logdet).mean())
@@ -116,12 +116,13 @@ def pullback(flow: Flow, z: Any) -> list[Tensor]:
     """N(0, I) samples ``z`` (n, d) pulled back block by block, in the blocks'
     coordinates: ``states[L] = z`` and ``states[k−1] = T_k⁻¹(states[k])``, so
     ``states[k]`` is a sample of the model's distribution of z_k and
-    ``flow.unstandardize(states[0])`` equals ``flow.inverse(z)``."""
+    ``flow.unstandardize(states[0])`` equals ``flow.inverse(z)`` (each block at
+    its own RK4 steps)."""
     z = as_data_tensor(z, flow.dim, flow.shift, what="z")
     states = [z]
     with torch.no_grad():
-        for block in reversed(flow.blocks):
-            states.append(integrate(block, states[-1], flow.steps, t0=1.0, t1=0.0).z)
+        for k in reversed(range(len(flow))):
+            states.append(integrate(flow.blocks[k], states[-1], flow.block_steps(k), t0=1.0, t1=0.0).z)
     return states[::-1]
 
 
@@ -164,10 +165,11 @@ class Trajectories(NamedTuple):
 
 def trajectories(flow: Flow, x: Any, steps: int | None = None) -> Trajectories:
     """Integrates S(x) (n, d) through every block one RK4 step at a time on a
-    grid of ``steps`` steps per block (default the flow's own, so the paths end
-    exactly at the flow's pushes; more show the curves of a flow evaluated
-    with few steps), recording the state after every step."""
-    steps = flow.steps if steps is None else steps
+    grid of ``steps`` steps per block, recording the state after every step.
+    The default is the flow's largest per-block count (``flow.step_counts``),
+    so when all blocks share one count the paths end exactly at the flow's
+    pushes; more steps show the curves of a flow evaluated with few."""
+    steps = max(flow.steps, *flow.step_counts) if steps is None else steps
     z = flow.standardize(as_data_tensor(x, flow.dim, flow.shift))[0]
     grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).tolist()
     paths = []

@@ -30,7 +30,8 @@ __all__ = [
 @torch.no_grad()
 def nll(flow: Flow, x: Any, chunk_size: int = 16384) -> float:
     """Mean negative log-likelihood −E[log p(x)] in nats per sample, the
-    Gaussian constant included, with the flow's ``steps`` RK4 steps per block."""
+    Gaussian constant included, each block at its own RK4 steps
+    (``flow.block_steps(k)``)."""
     x = as_data_tensor(x, flow.dim, flow.shift)
     return float(-flow.log_prob(x, chunk_size).mean())
 
@@ -40,8 +41,9 @@ STEP_CHECK_ROWS = 10_000
 
 
 def step_doubling_change(flow: Flow, x: Any, chunk_size: int = 16384) -> float:
-    """NLL(x) at 2·``flow.steps`` RK4 steps per block minus NLL(x) at ``flow.steps``
-    (nats per sample): the integration error of a reported NLL. Reports ask for
+    """NLL(x) with every block at twice its RK4 steps (``flow.with_steps(2·steps)``,
+    step factors kept) minus NLL(x) at its own (nats per sample): the
+    integration error of a reported NLL. Reports ask for
     |change| < 1e-3 (docs/design.md, "Integration"); a flow trained with too few steps can fit the
     discrete map rather than the ODE, and then this is large.
 

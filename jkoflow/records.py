@@ -74,13 +74,16 @@ class BlockRecord(_Readable):
         seconds: Seconds spent on it (optimisation and pushes).
         loss_first, loss_last: The first and last training loss (None: no step).
         retries: Rollbacks after non-finite losses or gradients.
-        step_doubling_change: Validation NLL with the block at 2·steps RK4
-            steps minus that at steps (its integration error).
+        step_doubling_change: Validation NLL with the block at 2·eval_steps
+            RK4 steps minus that at eval_steps (its integration error).
         inversion_error: E‖x − T_k⁻¹(T_k(x))‖ / sqrt(E‖x‖²/d) on the same
             validation rows: the block's round-trip error relative to the
             per-coordinate scale of its input.
         train_steps: RK4 steps per block its last training phase used.
         step_doublings: How often the step control doubled them (0: never acted).
+        eval_steps: RK4 steps the flow integrates the block with (its base
+            steps times the block's step factor, which each doubling doubles);
+            None in records written before blocks had their own eval steps.
         test_nll: Test NLL, when a test set was given.
         parent, slice: For a time slice of a refinement stage, the index of
             the block it was cut from (among the trained ones) and which slice.
@@ -118,10 +121,11 @@ class BlockRecord(_Readable):
     inversion_error: float | None = None
     train_steps: int | None = None
     step_doublings: int = 0
+    eval_steps: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (the optional fields only when set)."""
-        return _compact(self, ("test_nll", "parent", "slice", "inversion_error", "train_steps"))
+        return _compact(self, ("test_nll", "parent", "slice", "inversion_error", "train_steps", "eval_steps"))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BlockRecord:

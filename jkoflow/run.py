@@ -59,6 +59,7 @@ __all__ = [
     "run_jko",
     "run_otflow",
     "stage_checkpoint",
+    "step_range",
     "summarize",
     "target_kl",
     "versions",
@@ -272,20 +273,34 @@ INVERSION_ROWS = 2000
 
 
 def flow_figures(flow: Flow, x: np.ndarray) -> dict[str, Any]:
-    """Figures of a flow that every report states: the RK4 steps per block of
-    its evaluation, the NLL change when they are doubled (on the first
-    :data:`STEP_CHECK_ROWS` rows of ``x``), its inversion error on the first
-    :data:`INVERSION_ROWS` rows and its parameter count."""
+    """Figures of a flow that every report states: the base RK4 steps of its
+    evaluation (``eval_steps``) and each block's own (``block_eval_steps``:
+    the base times the block's step factor), the NLL change when they are
+    doubled (on the first :data:`STEP_CHECK_ROWS` rows of ``x``), its
+    inversion error on the first :data:`INVERSION_ROWS` rows and its
+    parameter count."""
     rows = min(len(x), INVERSION_ROWS)
     check_rows = min(len(x), STEP_CHECK_ROWS)
     return {
         "eval_steps": flow.steps,
+        "block_eval_steps": list(flow.step_counts),
         "step_doubling_change": step_doubling_change(flow, x[:check_rows]),
         "step_check_rows": check_rows,
         "inversion_error": inversion_error(flow, x[:rows]),
         "inversion_error_rows": rows,
         "n_parameters": parameter_count(flow),
     }
+
+
+def step_range(figures: dict[str, Any]) -> tuple[int, int]:
+    """(fewest, most) RK4 steps of a block in :func:`flow_figures` output; the
+    base ``eval_steps`` for figures written before blocks had their own.
+
+    >>> step_range({"eval_steps": 8, "block_eval_steps": [8, 16, 8]}), step_range({"eval_steps": 4})
+    ((8, 16), (4, 4))
+    """
+    counts = figures.get("block_eval_steps") or [figures["eval_steps"]]
+    return min(counts), max(counts)
 
 
 def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds: float) -> dict[str, Any]:
@@ -318,6 +333,7 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
                     "step_doubling_change",
                     "inversion_error",
                     "train_steps",
+                    "eval_steps",
                     "step_doublings",
                 )
                 if key in b

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from blocks import Block
-
 from .flow import Flow, chunked
 from .metrics import STEP_CHECK_ROWS
 from .objectives import gaussian_log_prob
@@ -89,35 +87,36 @@ class Samples:
         cached = self.base(first)
         with torch.no_grad():
             for k in range(first, first + trained):
-                cached = self.push_all(self.flow.blocks[k], cached)
+                cached = self.push_all(k, cached)
         return cached
 
-    def push_all(self, block: Block, cached: dict[str, Pushed]) -> dict[str, Pushed]:
-        return {name: self.push(block, c) for name, c in cached.items()}
+    def push_all(self, k: int, cached: dict[str, Pushed]) -> dict[str, Pushed]:
+        """Every set pushed through block ``k`` (:meth:`push`)."""
+        return {name: self.push(k, c) for name, c in cached.items()}
 
-    def push(self, block: Block, cached: Pushed, steps: int | None = None) -> Pushed:
-        """Samples of p_k from those of p_{k−1}: x ↦ T_k(x), ℓ += ℓ_k(x), with
-        ``steps`` RK4 steps (default: the flow's)."""
-        steps = steps or self.flow.steps
+    def push(self, k: int, cached: Pushed, steps: int | None = None) -> Pushed:
+        """Samples of p_k from those of p_{k−1}: x ↦ T_k(x), ℓ += ℓ_k(x), for the
+        flow's block ``k`` with ``steps`` RK4 steps (default: the block's own,
+        ``flow.block_steps(k)``)."""
+        block, steps = self.flow.blocks[k], steps or self.flow.block_steps(k)
         z, logdet = self._map(lambda part: integrate(block, part, steps), cached.x)
         return Pushed(z, cached.logdet + logdet)
 
-    def step_doubling_change(self, block: Block, before: Pushed, after: Pushed) -> float:
-        """The RK4 error block k adds to the validation NLL: on the first
+    def step_doubling_change(self, k: int, before: Pushed, after: Pushed) -> float:
+        """The RK4 error block ``k`` adds to the validation NLL: on the first
         :data:`~jkoflow.metrics.STEP_CHECK_ROWS` rows, the NLL with the block
-        at 2·steps RK4 steps minus that at steps."""
+        at 2·n_k RK4 steps minus that at its own n_k (``after``, pushed at n_k)."""
         rows = min(len(before.x), STEP_CHECK_ROWS)
-        doubled = self.push(block, before.head(rows), 2 * self.flow.steps)
+        doubled = self.push(k, before.head(rows), 2 * self.flow.block_steps(k))
         return doubled.nll() - after.head(rows).nll()
 
-    def inversion_error(self, block: Block, before: Pushed, after: Pushed) -> float:
-        """Block k's round-trip error on the same rows: E‖x − T_k⁻¹(T_k(x))‖
-        over sqrt(E‖x‖²/d), the per-coordinate scale of its input x."""
+    def inversion_error(self, k: int, before: Pushed, after: Pushed) -> float:
+        """Block ``k``'s round-trip error at its own n_k steps on the same rows:
+        E‖x − T_k⁻¹(T_k(x))‖ over sqrt(E‖x‖²/d), the per-coordinate scale of its input x."""
         rows = min(len(before.x), STEP_CHECK_ROWS)
         x = before.head(rows).x
-        back, _ = self._map(
-            lambda part: integrate(block, part, self.flow.steps, t0=1.0, t1=0.0), after.head(rows).x
-        )
+        block, steps = self.flow.blocks[k], self.flow.block_steps(k)
+        back, _ = self._map(lambda part: integrate(block, part, steps, t0=1.0, t1=0.0), after.head(rows).x)
         scale = x.pow(2).sum(1).mean().div(x.shape[1]).sqrt()
         return float((back - x).norm(dim=1).mean() / scale)
 

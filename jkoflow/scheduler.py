@@ -205,7 +205,8 @@ def _plateau(
 ) -> list[Plateau]:
     """The early-stopping hook of a block (none with ``val_every=0``): the
     validation NLL of the flow up to the block on the first
-    :data:`~jkoflow.config.VALIDATION_ROWS` validation rows."""
+    :data:`~jkoflow.config.VALIDATION_ROWS` validation rows, the block at its
+    own RK4 steps (``trainer.flow.block_steps(k)``)."""
     config = trainer.config
     if not config.val_every:
         return []
@@ -213,7 +214,7 @@ def _plateau(
 
     def val_nll() -> float:
         with torch.no_grad():
-            return trainer.samples.push(block, rows).nll()
+            return trainer.samples.push(progress.index, rows).nll()
 
     return [Plateau(progress, block, config.val_every, config.patience, iters, val_nll)]
 
@@ -221,42 +222,49 @@ def _plateau(
 Measured = tuple[dict[str, Pushed], float, float, bool]
 
 
-def _fits_its_steps(trainer: JKOTrainer, block: Block, cached: dict[str, Pushed]) -> Measured:
-    """Pushes every set through the frozen block; (the samples of p_k, its
-    step-doubling change, its relative inversion error, whether both are
-    below the config's tolerances)."""
+def _fits_its_steps(trainer: JKOTrainer, k: int, cached: dict[str, Pushed]) -> Measured:
+    """Pushes every set through the frozen block ``k`` at its own RK4 steps
+    (``trainer.flow.block_steps(k)``); (the samples of p_k, its step-doubling
+    change, its relative inversion error, whether both are below the config's
+    tolerances)."""
     samples, config = trainer.samples, trainer.config
     with torch.no_grad():
-        moved = samples.push_all(block, cached)
-        change = samples.step_doubling_change(block, cached["val"], moved["val"])
-        error = samples.inversion_error(block, cached["val"], moved["val"])
+        moved = samples.push_all(k, cached)
+        change = samples.step_doubling_change(k, cached["val"], moved["val"])
+        error = samples.inversion_error(k, cached["val"], moved["val"])
     return moved, change, error, abs(change) < config.step_tol and error < config.inversion_tol
 
 
 def _train_with_step_control(
     trainer: JKOTrainer, block: Block, plan: BlockPlan, cached: dict[str, Pushed]
 ) -> tuple[BlockProgress, BlockPlan, dict[str, Pushed], float, float]:
-    """Trains the block on its plan; while it fits its RK4 discretisation
-    (:func:`_fits_its_steps` fails) and ``step_doublings`` allow, trains on
-    with the train steps doubled for a quarter of ``plan.iters`` more steps
-    (the cosine schedule stretched to the new total, so it resumes at a low
-    learning rate). A resumed block continues the phase it was in."""
-    config, saved = trainer.config, trainer.block
-    resumed = saved is not None and saved.index == plan.index and saved.train_steps > 0
+    """Trains the block on its plan, evaluated at the flow's base steps (step
+    factor 1); while it fits its RK4 discretisation (:func:`_fits_its_steps`
+    fails) and ``step_doublings`` allow, trains on with the train steps and
+    its step factor doubled (eval steps stay ``eval_steps/train_steps`` times
+    the train steps) for a quarter of ``plan.iters`` more steps (the cosine
+    schedule stretched to the new total, so it resumes at a low learning
+    rate), then checks it again at its new eval steps. A resumed block
+    continues the phase it was in (its factor is in the checkpoint's flow)."""
+    config, saved, flow, k = trainer.config, trainer.block, trainer.flow, plan.index
+    resumed = saved is not None and saved.index == k and saved.train_steps > 0
     if resumed:
         plan = dataclasses.replace(plan, train_steps=saved.train_steps, iters=saved.iters)
+    else:
+        flow.set_steps_factor(k, 1)
     while True:
         block.requires_grad_(True)
         progress = _optimize_block(trainer, block, plan, cached)
         block.requires_grad_(False)
         start = time.perf_counter()
-        moved, change, error, fits = _fits_its_steps(trainer, block, cached)
+        moved, change, error, fits = _fits_its_steps(trainer, k, cached)
         steps = plan.train_steps or config.train_steps
         if fits or trainer.budget.done() or steps >= config.train_steps * 2**config.step_doublings:
             progress.seconds += time.perf_counter() - start
             return progress, plan, moved, change, error
         plan = dataclasses.replace(plan, train_steps=2 * steps, iters=plan.iters + max(1, plan.iters // 4))
         progress.train_steps, progress.iters = plan.train_steps, plan.iters
+        flow.set_steps_factor(k, 2 * flow.steps_factors[k])
         progress.seconds += time.perf_counter() - start
 
 
@@ -304,6 +312,7 @@ def fit_block(
             inversion_error=error,
             train_steps=steps,
             step_doublings=round(math.log2(steps / config.train_steps)),
+            eval_steps=trainer.flow.block_steps(k),
         )
     stage.blocks.append(record)
     if stage.kind in GROWING:  # each prefix of a growing stage is a candidate
@@ -314,8 +323,8 @@ def fit_block(
         tqdm.write(
             f"[{stage.name}] block {k + 1}: h={_shown(plan.h)}  W={record.movement:.4f}  "
             f"Ter={record.ter:.4f}  val NLL={record.val_nll:.4f} "
-            f"({record.step_doubling_change:+.4f} at {2 * trainer.flow.steps} steps, "
-            f"trained at {steps})  "
+            f"at {record.eval_steps} steps ({record.step_doubling_change:+.4f} at "
+            f"{2 * record.eval_steps}, trained at {steps})  "
             f"({record.seconds:.1f} s)"
         )
     if trainer.placement.group.any(trainer.interrupt.interrupted):  # decided together

@@ -181,3 +181,14 @@ def test_module_entry_point_exit_status(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "unknown data" in result.stderr
     assert not (tmp_path / "r").exists()  # nothing is created for a run that cannot start
+
+
+def test_the_steps_note_states_the_blocks_own_counts():
+    from jkoflow.cli import _steps_note
+
+    same = {"eval_steps": 8, "block_eval_steps": [8, 8], "step_doubling_change": 2e-4}
+    assert _steps_note(same, "/block") == "8 RK4 steps/block, +0.0002 at 16"
+    raised = {"eval_steps": 8, "block_eval_steps": [16, 8, 32], "step_doubling_change": -1e-4}
+    assert _steps_note(raised, "/block") == "8–32 RK4 steps/block, -0.0001 at twice those"
+    older = {"eval_steps": 4, "step_doubling_change": 0.0}  # a summary written before per-block counts
+    assert _steps_note(older) == "4 RK4 steps, +0.0000 at 8"

@@ -190,3 +190,20 @@ def test_straightness_of_a_refined_flow_per_parent_is_the_parents(random_otflow)
     finer = trajectories(plain, x, steps=32)
     assert (finer.paths[-1, -1] - coarse.paths[-1, -1]).abs().max() < 1e-4
     assert (finer.straightness() >= coarse.straightness() - 1e-6).all()
+
+
+def test_per_block_views_use_each_block_s_own_steps(flow3):
+    """With step factors (1, 3, 2) the pushforward, pullback and default
+    trajectories follow the flow's own per-block integration."""
+    stepped = Flow(3, flow3.blocks, 2, flow3.shift, flow3.scale, steps_factors=[1, 3, 2])
+    x = torch.randn(40, 3, dtype=torch.float64)
+    pushed = pushforward(stepped, x)
+    for k in range(4):
+        assert torch.equal(pushed.states[k], stepped.head(k)(x)[0])
+    assert not torch.allclose(pushed.states[3], Flow(3, flow3.blocks, 2, flow3.shift, flow3.scale)(x)[0])
+    z = torch.randn(40, 3, dtype=torch.float64)
+    states = pullback(stepped, z)
+    assert torch.allclose(stepped.unstandardize(states[0]), stepped.inverse(z), rtol=0, atol=1e-14)
+    assert trajectories(stepped, x).paths.shape == (3, 7, 40, 3)  # the largest count, 2·3 steps
+    uniform = Flow(3, flow3.blocks, 2, flow3.shift, flow3.scale, steps_factors=[3, 3, 3])
+    assert torch.equal(trajectories(uniform, x).paths[-1, -1], uniform(x)[0])
