@@ -93,7 +93,9 @@ def ablation(
     for name in data:
         for seed in seeds:
             x_train, x_val, x_test = datasets.load_split(name, n=n, seed=seed)
-            _, history = train_jko(x_train, x_val, x_test, config=JKOConfig(seed=seed, **{**RECIPE, **(base or {})}))
+            _, history = train_jko(
+                x_train, x_val, x_test, config=JKOConfig(seed=seed, **{**RECIPE, **(base or {})})
+            )
             found = stage_rows(history, _entropy(name, x_test))
             rows += [{"data": name, "seed": seed, **r} for r in found]
             print(f"{name} seed {seed}: " + ", ".join(f"{r['row']} {r['test_nll']:.4f}" for r in found))
