@@ -56,6 +56,7 @@ TRAIN_HELP = {
     "h_min": "smallest step size allowed by the reparametrisation",
     "refine": "refinement stages: split every block into C time slices (one C per stage)",
     "stage_iters": "Adam steps per block in reparametrisation/refinement stages (0: --iters)",
+    "stage_lr": "initial lr of blocks retrained from their weights in those stages (0: --lr)",
     "free_block": "end with a free block: one more block trained on the KL alone, without the W2 term",
     "max_batches": "stop training after this many mini-batches in all (0: no limit)",
     "max_seconds": "stop training after this many seconds of optimisation (0: no limit)",

@@ -333,7 +333,9 @@ class JKOConfig(TrainingConfig):
     time (``"arclength"``, :func:`jkoflow.stages.reparametrize`), until the spread
     max|S_k − S̄|/S̄ < ``reparam_tol``; then one refinement stage per entry c of
     ``refine`` (every block split into c time slices trained at h_k/c). Blocks
-    retrained in these stages get ``stage_iters`` Adam steps (0: ``iters``).
+    retrained in these stages get ``stage_iters`` Adam steps (0: ``iters``),
+    with the cosine schedule starting from ``stage_lr`` (0: ``lr``): they
+    start trained, and a restart at the new-block ``lr`` would first undo them.
     With ``free_block`` a last ``free`` stage adds one block trained on the
     KL alone, without the W2 term (JKO-iFlow's free block), for ``iters``
     steps.
@@ -387,6 +389,7 @@ class JKOConfig(TrainingConfig):
     free_block: bool = False
     block_types: tuple[str, ...] = ()
     stage_iters: int = 0
+    stage_lr: float = 0.01
     max_batches: int = 0
     cache_device: str = "auto"
     step_tol: float = 1e-3
@@ -406,6 +409,8 @@ class JKOConfig(TrainingConfig):
         check_positive(self, positive, float)
         check_positive(self, ("max_blocks",), int)
         _check_count(self, ("reparam_iters", "stage_iters", "max_batches", "step_doublings", "val_every"))
+        if not (isinstance(self.stage_lr, (int, float)) and self.stage_lr >= 0):
+            raise InputError(f"stage_lr must be a non-negative number (0: lr), got {self.stage_lr!r}")
         check_positive(self, ("patience",), int)
         if not 0 <= self.lr_final_factor <= 1:
             raise InputError(f"lr_final_factor must be in [0, 1], got {self.lr_final_factor!r}")

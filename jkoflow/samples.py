@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from blocks import Block
+
 from .flow import Flow, chunked
 from .metrics import STEP_CHECK_ROWS
 from .objectives import gaussian_log_prob
@@ -98,7 +100,10 @@ class Samples:
         """Samples of p_k from those of p_{k−1}: x ↦ T_k(x), ℓ += ℓ_k(x), for the
         flow's block ``k`` with ``steps`` RK4 steps (default: the block's own,
         ``flow.block_steps(k)``)."""
-        block, steps = self.flow.blocks[k], steps or self.flow.block_steps(k)
+        return self.push_block(self.flow.blocks[k], cached, steps or self.flow.block_steps(k))
+
+    def push_block(self, block: Block, cached: Pushed, steps: int) -> Pushed:
+        """``cached`` pushed through any ``block`` with ``steps`` RK4 steps."""
         z, logdet = self._map(lambda part: integrate(block, part, steps), cached.x)
         return Pushed(z, cached.logdet + logdet)
 

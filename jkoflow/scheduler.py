@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from blocks import Block
+from blocks import Block, time_slices
 
 from . import distributed
 from .checkpoint import BlockProgress
@@ -42,7 +42,7 @@ from .objectives import JKOLoss, jko_loss
 from .placement import Placement
 from .records import GROWING, BlockRecord, JKOHistory, Selection, StageRecord, movement_spread
 from .samples import Pushed
-from .stages import BlockPlan, reparametrize
+from .stages import BlockPlan, Slice, reparametrize
 
 if TYPE_CHECKING:
     from .trainer import JKOTrainer
@@ -66,6 +66,7 @@ class JKOObjective:
         step: Callable[[], int],
     ) -> None:
         self.block, self.h, self.iters, self.x = block, plan.h, plan.iters, x
+        self.peak = config.lr if plan.start == "new" else config.stage_lr or config.lr
         self.train_steps = plan.train_steps or config.train_steps
         self.config, self.generator, self.placement = config, generator, placement
         self.batch = config.batch_for(len(x))
@@ -73,8 +74,10 @@ class JKOObjective:
         self.parallel = distributed.data_parallel(block, placement.group, placement.device)
 
     def lr(self, it: int, scale: float) -> float:
-        """scale·(lr_f + (lr − lr_f)(1 + cos(π·it/iters))/2), lr_f = lr·lr_final_factor."""
-        lr, final = self.config.lr, self.config.lr * self.config.lr_final_factor
+        """scale·(lr_f + (lr − lr_f)(1 + cos(π·it/iters))/2), lr_f = lr·lr_final_factor,
+        lr = ``config.lr`` for a new block and ``config.stage_lr`` for one
+        retrained from its weights (reparam, refine)."""
+        lr, final = self.peak, self.peak * self.config.lr_final_factor
         return scale * (final + (lr - final) * (1 + math.cos(math.pi * it / self.iters)) / 2)
 
     def loss(self) -> tuple[Tensor, dict[str, Tensor]]:
@@ -187,7 +190,7 @@ def _optimize_block(
         return {"loss": f"{step.terms['loss']:.4f}", "h": _shown(plan.h)} if step.it % 10 == 0 else None
 
     hooks = [
-        *_plateau(trainer, block, progress, plan.iters, cached["val"]),
+        *_plateau(trainer, block, plan, progress, cached["val"]),
         trainer.interrupt,
         trainer.budget,
         Records(history.iterations, record, trainer.callback),
@@ -201,22 +204,41 @@ def _optimize_block(
 
 
 def _plateau(
-    trainer: JKOTrainer, block: Block, progress: BlockProgress, iters: int, val: Pushed
+    trainer: JKOTrainer, block: Block, plan: BlockPlan, progress: BlockProgress, val: Pushed
 ) -> list[Plateau]:
     """The early-stopping hook of a block (none with ``val_every=0``): the
-    validation NLL of the flow up to the block on the first
-    :data:`~jkoflow.config.VALIDATION_ROWS` validation rows, the block at its
-    own RK4 steps (``trainer.flow.block_steps(k)``)."""
+    validation NLL, on the first :data:`~jkoflow.config.VALIDATION_ROWS`
+    validation rows, of the flow as it stands with this block, i.e. through
+    the block (at its own RK4 steps) and the blocks after it that the stage
+    has not retrained yet (:func:`_tail`): a retrained block is kept only
+    where it makes the whole flow better."""
     config = trainer.config
     if not config.val_every:
         return []
-    rows = val.head(min(len(val.x), VALIDATION_ROWS))
+    rows, tail = val.head(min(len(val.x), VALIDATION_ROWS)), _tail(trainer, plan)
 
     def val_nll() -> float:
         with torch.no_grad():
-            return trainer.samples.push(progress.index, rows).nll()
+            pushed = trainer.samples.push(progress.index, rows)
+            for later, steps in tail:
+                pushed = trainer.samples.push_block(later, pushed, steps)
+            return pushed.nll()
 
-    return [Plateau(progress, block, config.val_every, config.patience, iters, val_nll)]
+    return [Plateau(progress, block, config.val_every, config.patience, plan.iters, val_nll)]
+
+
+def _tail(trainer: JKOTrainer, plan: BlockPlan) -> list[tuple[Block, int]]:
+    """The blocks (with their RK4 steps) that follow block ``plan.index`` in
+    the flow until the stage retrains them: the flow's later blocks for a
+    block retrained in place, the rest of its parent and the later parents
+    for a refinement slice, none for a new block (it is the flow's last)."""
+    flow, start = trainer.flow, plan.start
+    if start == "keep":
+        return [(flow.blocks[j], flow.block_steps(j)) for j in range(plan.index + 1, len(flow))]
+    if isinstance(start, Slice) and trainer.parents is not None:
+        rest = time_slices(trainer.parents[start.parent], start.count)[start.piece + 1 :]
+        return [(b, flow.steps) for b in [*rest, *trainer.parents[start.parent + 1 :]]]
+    return []
 
 
 Measured = tuple[dict[str, Pushed], float, float, bool]
