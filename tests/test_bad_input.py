@@ -98,7 +98,7 @@ def _edit_flow(path: str, edit: Callable[[dict], None]) -> None:
 
 
 def _first_weight(state: dict) -> str:
-    return next(k for k in state if k.startswith("blocks."))
+    return next((k for k in state if k.startswith("blocks.")), "mix")  # a Gaussian-fit flow has no blocks
 
 
 def _edit_trainer(edit: Callable[[dict], None]) -> Callable[[], None]:
