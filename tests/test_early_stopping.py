@@ -76,3 +76,26 @@ def test_the_batch_size_adapts_to_a_small_training_set():
 def test_bad_early_stopping_settings_are_refused(kwargs):
     with pytest.raises(jkoflow.InputError, match=next(iter(kwargs))):
         JKOConfig(**kwargs)
+
+
+def test_a_retrained_block_is_kept_only_where_the_whole_flow_improves(monkeypatch):
+    """A reparametrisation to h = 1e-4 pulls every retrained block toward the
+    identity: without checks the stage makes the flow worse; with them each
+    block keeps its old weights unless the whole flow gets better."""
+    import numpy as np
+
+    from jkoflow.stages import REPARAM_RULES
+
+    monkeypatch.setitem(REPARAM_RULES, "shrink", lambda h, s: np.full_like(h, 1e-4))
+    data = datasets.load_split("8gaussians", n=2000, seed=1)
+    config = JKOConfig(
+        width=8, iters=60, batch_size=128, train_steps=2, eval_steps=4, max_blocks=2, ter_eps=1e-9,
+        reparam_iters=1, reparam_tol=1e-9, reparam_eta=1.0, h_min=1e-4, reparam_rule="shrink",
+        val_every=10, patience=2, stage_lr=0.05,
+    )  # fmt: skip
+    _, unchecked = train_jko(*data, config=dataclasses.replace(config, val_every=0))
+    assert unchecked.stages[1].val_nll > unchecked.stages[0].val_nll + 0.05
+    _, checked = train_jko(*data, config=config)
+    initial, reparam = checked.stages
+    assert reparam.val_nll <= initial.val_nll + 1e-5
+    assert all(b.n_batches < 60 for b in reparam.blocks)  # each stopped on its plateau
