@@ -315,7 +315,12 @@ def test_torchrun_cli_writes_only_rank_0s_run(tmp_path):
     )
     _, history = train_jko(*load_data(data_config), config=config)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert summary["test_nll"] == pytest.approx(history.blocks[-1]["test_nll"], rel=1e-9)
+    assert summary["test_nll"] == pytest.approx(history.selected.test_nll, rel=1e-9)
+    assert summary["selected"]["stage"] == history.selected.stage
+    two_history = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert two_history["stages"][0]["blocks"][0]["test_nll"] == pytest.approx(
+        history.blocks[-1]["test_nll"], rel=1e-9
+    )
     assert summary["n_batches"] == 4
 
 
