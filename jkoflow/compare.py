@@ -18,6 +18,7 @@ import torch
 
 from .atomic import atomic_path, atomic_write
 from .config import DataConfig, JKOConfig
+from .flow import Flow
 from .metrics import KLResult, mmd2, nll_difference, wasserstein2
 from .otflow import OTFlowConfig
 from .plots import plot_comparison
@@ -162,31 +163,8 @@ def write_comparison(out: str | os.PathLike, n_metric: int = 2000) -> list[dict[
     rows, samples, flows = [], {}, {}
     for name, files in runs.items():
         flow = flows[name] = files.load_flow()
-        with torch.no_grad():
-            start = time.perf_counter()
-            drawn = (
-                flow.sample(10_000, generator=torch.Generator().manual_seed(data_config.seed)).cpu().numpy()
-            )
-            sample_seconds = time.perf_counter() - start
-        samples[name] = drawn
-        summary = summaries[name]
-        kl = target_kl(flow, data_config.name, x_test)
-        rows.append(
-            {
-                "method": name,
-                "test_nll": summary["test_nll"],
-                "step_doubling_change": summary["step_doubling_change"],
-                "kl": kl.get("kl"),
-                "kl_stderr": kl.get("kl_stderr"),
-                "mmd2": mmd2(drawn[:n], x_test[:n], bandwidth=bandwidth).mmd2,
-                "w2": wasserstein2(drawn[:n], x_test[:n], method="exact").value,
-                "inversion_error": summary["inversion_error"],
-                "n_parameters": summary["n_parameters"],
-                "n_batches": summary["n_batches"],
-                "train_seconds": summary["train_seconds"],
-                "sample_seconds_per_10k": sample_seconds,
-            }
-        )
+        row, samples[name] = _method_row(name, flow, summaries[name], data_config, x_test, n, bandwidth)
+        rows.append(row)
     jko_history = read_json(runs["jkoflow"].history)
     curves = {
         "jkoflow": _jko_curve(jko_history),
@@ -209,6 +187,38 @@ def write_comparison(out: str | os.PathLike, n_metric: int = 2000) -> list[dict[
     with atomic_write(root / "compare.md") as handle:
         handle.write(text)
     return rows
+
+
+def _method_row(
+    name: str,
+    flow: Flow,
+    summary: dict[str, Any],
+    data_config: DataConfig,
+    x_test: np.ndarray,
+    n: int,
+    bandwidth: float,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """One method's row of the table (keys ``COLUMNS``) and its 10 000 samples."""
+    with torch.no_grad():
+        start = time.perf_counter()
+        drawn = flow.sample(10_000, generator=torch.Generator().manual_seed(data_config.seed)).cpu().numpy()
+        sample_seconds = time.perf_counter() - start
+    kl = target_kl(flow, data_config.name, x_test)
+    row = {
+        "method": name,
+        "test_nll": summary["test_nll"],
+        "step_doubling_change": summary["step_doubling_change"],
+        "kl": kl.get("kl"),
+        "kl_stderr": kl.get("kl_stderr"),
+        "mmd2": mmd2(drawn[:n], x_test[:n], bandwidth=bandwidth).mmd2,
+        "w2": wasserstein2(drawn[:n], x_test[:n], method="exact").value,
+        "inversion_error": summary["inversion_error"],
+        "n_parameters": summary["n_parameters"],
+        "n_batches": summary["n_batches"],
+        "train_seconds": summary["train_seconds"],
+        "sample_seconds_per_10k": sample_seconds,
+    }
+    return row, drawn
 
 
 def _timing(

@@ -33,7 +33,7 @@ from .objectives import gaussian_log_prob
 from .ode import integrate
 from .serialization import read_payload, reading_content, write_payload
 
-__all__ = ["Flow", "as_data_tensor", "chunked"]
+__all__ = ["Flow", "as_data_tensor", "chunked", "decorrelation"]
 
 FORMAT = "jkoflow.flow"
 FORMAT_VERSION = 2
@@ -69,6 +69,21 @@ def as_data_tensor(x: Any, dim: int, like: Tensor, what: str = "x") -> Tensor:
     if not torch.isfinite(x).all():
         raise InputError(f"{what} holds NaN or infinite values")
     return x
+
+
+def decorrelation(u: Tensor) -> Tensor:
+    """M = L⁻¹ (d, d, lower-triangular, in ``u``'s dtype) for the Cholesky factor
+    L Lᵀ of the covariance of the centred rows ``u`` (n, d), computed in
+    float64, so that the rows M u have identity covariance."""
+    v = u.double()
+    lower, info = torch.linalg.cholesky_ex(v.T @ v / max(len(v) - 1, 1))
+    if info != 0:
+        raise InputError(
+            "cannot standardise: the columns of the training data are linearly dependent "
+            "(their correlation matrix is singular); drop the redundant columns"
+        )
+    eye = torch.eye(len(lower), dtype=v.dtype, device=v.device)
+    return torch.linalg.solve_triangular(lower, eye, upper=False).to(u)
 
 
 class Flow(nn.Module):
@@ -153,15 +168,8 @@ class Flow(nn.Module):
         if (scale <= 0).any():
             column = int((scale <= 0).nonzero()[0])
             raise InputError(f"cannot standardise: column {column} of the training data is constant")
-        u = ((x - x.mean(0)) / scale).double()
-        lower, info = torch.linalg.cholesky_ex(u.T @ u / max(len(u) - 1, 1))
-        if info != 0:
-            raise InputError(
-                "cannot standardise: the columns of the training data are linearly dependent "
-                "(their correlation matrix is singular); drop the redundant columns"
-            )
-        mix = torch.linalg.solve_triangular(lower, torch.eye(len(lower), dtype=u.dtype), upper=False)
-        return cls(x.shape[1], steps=steps, shift=x.mean(0), scale=scale, mix=mix.to(x)).to(x)
+        mix = decorrelation((x - x.mean(0)) / scale)
+        return cls(x.shape[1], steps=steps, shift=x.mean(0), scale=scale, mix=mix).to(x)
 
     def append(self, block: Block, steps_factor: int = 1) -> None:
         """Adds a block at the end (the latent side) of the flow, integrated with

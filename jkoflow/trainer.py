@@ -125,11 +125,8 @@ class JKOTrainer:
         sets = {name: self.placement.keep(x) for name, x in sets.items()}
         self.flow = flow.to(device=self.placement.device, dtype=self.placement.dtype)
         self.samples = Samples(self.flow, sets, self.placement, config.chunk_size)
-        self.progress, self.callback, self.on_stage = (
-            progress and self.placement.group.is_main,
-            callback,
-            on_stage,
-        )
+        self.progress = progress and self.placement.group.is_main
+        self.callback, self.on_stage = callback, on_stage
         self.checkpoint = checkpoint  # read by every rank on resume, written by rank 0
         self.first = len(self.flow)  # blocks before this index are frozen input
         self.history = JKOHistory(config.to_dict())
@@ -237,9 +234,8 @@ class JKOTrainer:
     def _growing(self) -> StageRecord:
         """The open initial/extend stage, else a new one."""
         open_stage = self.history.open_stage()
-        if open_stage is not None and open_stage.kind in ("initial", "extend"):
-            return open_stage
-        return self._begin("extend" if self.history.stages else "initial")
+        growing = open_stage is not None and open_stage.kind in GROWING
+        return open_stage if growing else self._begin("extend" if self.history.stages else "initial")
 
     def _begin(self, kind: str, factor: int | None = None, rule: str | None = None) -> StageRecord:
         """The open stage of ``kind`` (a resumed or stepwise one), else a new stage
