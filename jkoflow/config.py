@@ -370,6 +370,10 @@ class JKOConfig(TrainingConfig):
     """
 
     AUTO_BATCH: ClassVar[int] = 1024
+    SAVED_DEFAULTS: ClassVar[dict[str, Any]] = {"val_every": 0, "stage_lr": 0.0}
+    """Fields added after runs were saved, with the values that train as those
+    runs did (no early stopping, stages at ``lr``): what a resumed run that
+    lacks them gets (:meth:`from_saved`)."""
 
     iters: int = 1200
     h0: float = 5.0
@@ -435,6 +439,12 @@ class JKOConfig(TrainingConfig):
             raise InputError(
                 f"cache_device must be one of {', '.join(CACHE_POLICIES)}, got {self.cache_device!r}"
             )
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> JKOConfig:
+        """The config of a saved run (checkpoint or config.json): fields it lacks
+        take :attr:`SAVED_DEFAULTS`, so it resumes as it was trained."""
+        return config_from_dict(cls, {**cls.SAVED_DEFAULTS, **data}) if isinstance(data, dict) else data
 
     def block_types_used(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.block_types)) or (self.block,)

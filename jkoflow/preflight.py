@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import TrainerState, data_fingerprint, load_state
-from .config import JKOConfig, TrainingConfig, config_from_dict, resolve_device, resolve_dtype, resume_config
+from .config import JKOConfig, TrainingConfig, resolve_device, resolve_dtype, resume_config
 from .errors import InputError
 from .flow import Flow
 from .serialization import reading_content
@@ -124,7 +124,7 @@ def check_resume(
         raise InputError(f"nothing to resume in {trainer.parent}: {trainer.name} not found")
     with reading_content(trainer, "training checkpoint"):
         state = load_state(trainer)
-        saved = config_from_dict(JKOConfig, state.config)
+        saved = JKOConfig.from_saved(state.config)
         open_kind = state.history["stages"][-1]["kind"] if state.history["stages"] else "initial"
         for name, x in zip(("train", "val", "test"), data, strict=True):
             if not np.allclose(data_fingerprint(x), state.data[name], rtol=1e-9):

@@ -221,7 +221,7 @@ class IterationLog:
         (False, ['iter,loss', '0,2.0', '1,1.5'])
     """
 
-    JKO_FIELDS = ("stage", "block", "iter", "loss", "kl", "transport", "lr", "seconds", "val_nll")
+    JKO_FIELDS = ("stage", "block", "iter", "loss", "kl", "transport", "lr", "val_nll", "seconds")
     OTFLOW_FIELDS = ("iter", "n_batches", "seconds", "val_nll", "lr")
 
     def __init__(

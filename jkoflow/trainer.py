@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from blocks import time_slices
 
 from .checkpoint import BlockProgress, TrainerState, data_fingerprint, load_state, save_state
-from .config import JKOConfig, config_from_dict, resume_config
+from .config import JKOConfig, resume_config
 from .errors import InputError
 from .flow import Flow, as_data_tensor
 from .loop import Budget, Interrupt
@@ -157,7 +157,7 @@ class JKOTrainer:
         where it stopped; ``config`` may change only :data:`~jkoflow.config.RESUMABLE`
         fields. ``reset_lr``: see :func:`_continue_block`."""
         saved = load_state(checkpoint)
-        saved_config = config_from_dict(JKOConfig, saved.config)
+        saved_config = JKOConfig.from_saved(saved.config)
         config = saved_config if config is None else resume_config(saved_config, config)
         trainer = cls(x_train, x_val, x_test, config, saved.flow, checkpoint=checkpoint, **options)
         _restore(trainer, saved)
