@@ -403,20 +403,22 @@ class Plateau(Hook):
     """Early stopping on a validation number ``measure()`` (lower is better):
     measured before the first step, after every ``every`` steps and after the
     last (``iters``), recorded in ``progress.checks``; the weights of
-    ``module`` at the best check are kept in ``progress.best``. The loop stops
-    once ``patience`` checks in a row are not below the best, and when it ends
-    the best weights are put back. Measuring counts as the step's time.
+    ``module`` at the best check are kept in ``progress.best``. In the second
+    half of the steps the loop stops once ``patience`` checks in a row are not
+    below the best (earlier, a noisy check at a high learning rate would stop
+    a block that still gains), and when it ends the best weights are put
+    back. Measuring counts as the step's time.
 
     Example:
         >>> from jkoflow.checkpoint import BlockProgress
         >>> from jkoflow.loop import Plateau, Step
         >>> module, values = torch.nn.Linear(1, 1), iter([3.0, 2.0, 2.5, 2.25])
         >>> progress = BlockProgress(index=0)
-        >>> hook = Plateau(progress, module, 1, 2, 10, lambda: next(values))  # checks at step 0
+        >>> hook = Plateau(progress, module, 1, 2, 6, lambda: next(values))  # checks at step 0
         >>> for it in range(3):
         ...     progress.count(1.0, 0.1)
         ...     hook.measure(Step(it, 0.1, {"loss": 1.0}, seconds=0.1))
-        >>> progress.checks, hook.done()  # 2.5 and 2.25 are not below 2.0
+        >>> progress.checks, hook.done()  # 2.5 and 2.25 are not below 2.0, at step 3 of 6
         ([[0, 3.0], [1, 2.0], [2, 2.5], [3, 2.25]], True)
     """
 
@@ -446,7 +448,7 @@ class Plateau(Hook):
         return len(values) - 1 - values.index(min(values)) if values else 0
 
     def done(self) -> bool:
-        return self.stale() >= self.patience
+        return 2 * self.progress.iter >= self.iters and self.stale() >= self.patience
 
     def measure(self, step: Step) -> None:
         it = step.it + 1  # the step count once this step is counted

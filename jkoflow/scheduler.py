@@ -286,6 +286,7 @@ def _train_with_step_control(
             return progress, plan, moved, change, error
         plan = dataclasses.replace(plan, train_steps=2 * steps, iters=plan.iters + max(1, plan.iters // 4))
         progress.train_steps, progress.iters = plan.train_steps, plan.iters
+        progress.checks, progress.best = [], None  # the next phase is judged at its own, finer steps
         flow.set_steps_factor(k, 2 * flow.steps_factors[k])
         progress.seconds += time.perf_counter() - start
 
