@@ -400,26 +400,32 @@ class Interrupt(Hook):
 
 
 class Plateau(Hook):
-    """Early stopping on a validation number ``measure()`` (lower is better):
-    measured before the first step, after every ``every`` steps and after the
-    last (``iters``), recorded in ``progress.checks``; the weights of
-    ``module`` at the best check are kept in ``progress.best``. In the second
-    half of the steps the loop stops once ``patience`` checks in a row are not
-    below the best (earlier, a noisy check at a high learning rate would stop
-    a block that still gains), and when it ends the best weights are put
-    back. Measuring counts as the step's time.
+    """Early stopping on a validation number ``measure() -> (value, stderr)``
+    (lower is better; ``stderr`` its standard error): measured before the
+    first step, after every ``every`` steps and after the last (``iters``),
+    recorded as ``[step, value, stderr]`` in ``progress.checks``; the weights
+    of ``module`` at the best check are kept in ``progress.best`` and put back
+    when the loop ends. In the second half of the steps the loop stops once
+    the last ``patience`` checks are all worse than the best by more than
+    twice their standard error: the block overfits. A check within the noise
+    of the best does not stop it, so a block on plentiful data trains its
+    whole schedule (its lowest learning rates gain most). Measuring counts as
+    the step's time.
 
     Example:
         >>> from jkoflow.checkpoint import BlockProgress
         >>> from jkoflow.loop import Plateau, Step
-        >>> module, values = torch.nn.Linear(1, 1), iter([3.0, 2.0, 2.5, 2.25])
-        >>> progress = BlockProgress(index=0)
-        >>> hook = Plateau(progress, module, 1, 2, 6, lambda: next(values))  # checks at step 0
-        >>> for it in range(3):
+        >>> module, progress = torch.nn.Linear(1, 1), BlockProgress(index=0)
+        >>> values = iter([(3.0, 0.1), (2.0, 0.1), (2.1, 0.1), (2.5, 0.1), (2.25, 0.1)])
+        >>> hook = Plateau(progress, module, 1, 2, 8, lambda: next(values))  # checks at step 0
+        >>> for it in range(4):
         ...     progress.count(1.0, 0.1)
         ...     hook.measure(Step(it, 0.1, {"loss": 1.0}, seconds=0.1))
-        >>> progress.checks, hook.done()  # 2.5 and 2.25 are not below 2.0, at step 3 of 6
-        ([[0, 3.0], [1, 2.0], [2, 2.5], [3, 2.25]], True)
+        ...     print(it + 1, hook.done())  # 2.1 is within 2 stderr of 2.0; 2.5 and 2.25 are not
+        1 False
+        2 False
+        3 False
+        4 True
     """
 
     def __init__(
@@ -429,7 +435,7 @@ class Plateau(Hook):
         every: int,
         patience: int,
         iters: int,
-        measure: Callable[[], float],
+        measure: Callable[[], tuple[float, float]],
     ) -> None:
         self.progress, self.module, self.every, self.patience = progress, module, every, patience
         self.iters, self.value = iters, measure
@@ -437,18 +443,23 @@ class Plateau(Hook):
             self._check(progress.iter)
 
     def _check(self, it: int) -> None:
-        value, checks = float(self.value()), self.progress.checks
-        if not checks or value < min(v for _, v in checks):
+        value, stderr = (float(v) for v in self.value())
+        checks = self.progress.checks
+        if not checks or value < self.best():
             self.progress.best = copy.deepcopy(self.module.state_dict())
-        checks.append([it, value])
+        checks.append([it, value, stderr])
 
-    def stale(self) -> int:
-        """Checks since the best one."""
-        values = [v for _, v in self.progress.checks]
-        return len(values) - 1 - values.index(min(values)) if values else 0
+    def best(self) -> float:
+        """The lowest value checked so far."""
+        return min(check[1] for check in self.progress.checks)
+
+    def overfits(self) -> bool:
+        """Whether the last ``patience`` checks are all above best + 2·stderr."""
+        last, best = self.progress.checks[-self.patience :], self.best()
+        return len(last) == self.patience and all(value > best + 2 * se for _, value, se in last)
 
     def done(self) -> bool:
-        return 2 * self.progress.iter >= self.iters and self.stale() >= self.patience
+        return 2 * self.progress.iter >= self.iters and self.overfits()
 
     def measure(self, step: Step) -> None:
         it = step.it + 1  # the step count once this step is counted
@@ -458,7 +469,8 @@ class Plateau(Hook):
             step.seconds += time.perf_counter() - tick
 
     def close(self) -> None:
-        if self.progress.best is not None and self.stale() > 0:
+        checks = self.progress.checks
+        if self.progress.best is not None and checks[-1][1] > self.best():
             self.module.load_state_dict(self.progress.best)
 
 

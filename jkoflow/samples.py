@@ -45,6 +45,11 @@ class Pushed:
         """−mean(log N(x; 0, I) + ℓ): the NLL of the data under the flow so far."""
         return float(-(gaussian_log_prob(self.x) + self.logdet).mean())
 
+    def nll_stderr(self) -> float:
+        """The standard error of :meth:`nll`: std of the per-row NLL over √rows."""
+        per_row = -(gaussian_log_prob(self.x) + self.logdet)
+        return float(per_row.std() / len(per_row) ** 0.5) if len(per_row) > 1 else float("inf")
+
     def head(self, rows: int) -> Pushed:
         return Pushed(self.x[:rows], self.logdet[:rows])
 

@@ -217,12 +217,12 @@ def _plateau(
         return []
     rows, tail = val.head(min(len(val.x), VALIDATION_ROWS)), _tail(trainer, plan)
 
-    def val_nll() -> float:
+    def val_nll() -> tuple[float, float]:
         with torch.no_grad():
             pushed = trainer.samples.push(progress.index, rows)
             for later, steps in tail:
                 pushed = trainer.samples.push_block(later, pushed, steps)
-            return pushed.nll()
+            return pushed.nll(), pushed.nll_stderr()
 
     return [Plateau(progress, block, config.val_every, config.patience, plan.iters, val_nll)]
 

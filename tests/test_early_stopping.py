@@ -52,7 +52,7 @@ def test_the_checks_and_best_weights_survive_a_kill_and_resume(tmp_path):
     with pytest.raises(_Kill):
         train_jko(*SMALL, config=config, checkpoint=path, callback=kill_at_step_37)
     saved = jkoflow.checkpoint.load_state(path)
-    assert [it for it, _ in saved.block.checks] == [0, 25] and saved.block.best is not None
+    assert [check[0] for check in saved.block.checks] == [0, 25] and saved.block.best is not None
     flow, history = train_jko(*SMALL, config=config, checkpoint=path, resume=True)
     assert [r["loss"] for r in history.iterations] == [r["loss"] for r in reference[1].iterations]
     assert all(
