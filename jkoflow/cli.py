@@ -425,9 +425,9 @@ def _resumed_configs(args: argparse.Namespace) -> tuple[DataConfig, JKOConfig]:
     if not isinstance(saved, dict) or saved.get("method") != "jko" or "train" not in saved:
         raise InputError(f"{args.resume} does not hold a jkoflow train run")
     given = {k: v for k, v in vars(args).items() if v is not None}
-    return config_from_dict(DataConfig, saved["data"]), _config(
-        JKOConfig, {**JKOConfig.SAVED_DEFAULTS, **saved["train"]}, given
-    )
+    train = saved["train"]
+    train = {**JKOConfig.SAVED_DEFAULTS, **train} if isinstance(train, dict) else train  # as it was trained
+    return config_from_dict(DataConfig, saved["data"]), _config(JKOConfig, train, given)
 
 
 def _otflow(args: argparse.Namespace) -> None:

@@ -455,8 +455,11 @@ class Plateau(Hook):
 
     def overfits(self) -> bool:
         """Whether the last ``patience`` checks are all above best + 2·stderr."""
-        last, best = self.progress.checks[-self.patience :], self.best()
-        return len(last) == self.patience and all(value > best + 2 * se for _, value, se in last)
+        checks = self.progress.checks
+        if len(checks) < self.patience:
+            return False
+        best = self.best()
+        return all(value > best + 2 * se for _, value, se in checks[-self.patience :])
 
     def done(self) -> bool:
         return 2 * self.progress.iter >= self.iters and self.overfits()

@@ -173,7 +173,6 @@ def _optimize_block(
         lambda: trainer.budget.batches,
     )
     rollback = _rollback(trainer, block, optimizer, progress)
-    rollback.snapshot()
     stage = len(history.stages) - 1
 
     def record(step: Step) -> dict[str, float | int]:
@@ -197,6 +196,7 @@ def _optimize_block(
         Bar(progress, plan.iters, f"block {k + 1}", trainer.progress, postfix, leave=False),
         Checkpoints(progress, plan.iters, config.checkpoint_every, rollback, trainer.save),
     ]
+    rollback.snapshot()  # after the early-stopping check before the first step, which it keeps
     optimize(objective, optimizer, progress, plan.iters, rollback, hooks)
     block.eval()
     trainer.optimizer, progress.optimizer = None, None
