@@ -312,10 +312,11 @@ class JKOConfig(TrainingConfig):
     Early stopping (:class:`jkoflow.loop.Plateau`): before its first step,
     every ``val_every`` Adam steps (0: never) and after its last, a block's
     validation NLL is measured (on up to :data:`VALIDATION_ROWS` rows); the
-    block stops after ``patience`` checks in a row without a new best and
-    keeps its weights at the best check, so ``iters`` is an upper bound and a
-    block on small data stops before it overfits (and is never worse on the
-    validation rows than the flow before it).
+    block keeps its weights at the best check, and in the second half of its
+    steps stops once its last ``patience`` checks are all above the best by
+    more than twice their standard error (it overfits). So ``iters`` is an
+    upper bound, a block on small data stops once it overfits, and no block
+    is worse on the validation rows than the flow before it.
 
     Integration: ``train_steps`` RK4 steps per block in training,
     ``eval_steps`` for pushing, NLL and sampling. Step control
