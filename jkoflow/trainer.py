@@ -502,7 +502,8 @@ def train_jko(
     In a process group (:mod:`jkoflow.distributed`) every rank calls this with the
     same arguments and gets one process's result; rank 0 writes ``checkpoint``.
     Returns ``(flow, history)``: the best flow by validation NLL (eval mode;
-    ``history.selected`` says which) and a :class:`JKOHistory`. Raises
+    ``history.selected`` says which; five steps above do not beat the Gaussian
+    fit of x) and a :class:`JKOHistory`. Raises
     TrainingError when a block's steps stay faulty after ``config.nan_retries`` retries.
 
     Example:
@@ -510,10 +511,8 @@ def train_jko(
         >>> x = jkoflow.datasets.load("8gaussians", n=3000)
         >>> cfg = jkoflow.JKOConfig(width=8, iters=5, batch_size=256, max_blocks=1)
         >>> flow, history = jkoflow.train_jko(x, config=cfg)
-        >>> len(history.iterations), history.stages[0].name, len(history.blocks)
-        (5, 'initial', 1)
-        >>> history.selected.stage, len(flow)  # five steps do not beat the Gaussian fit of x
-        ('gaussian', 0)
+        >>> len(history.iterations), len(history.blocks), history.selected.stage, len(flow)
+        (5, 1, 'gaussian', 0)
     """
     options = {"progress": progress, "callback": callback, "on_stage": on_stage}
     if resume and checkpoint is None:
@@ -525,6 +524,5 @@ def train_jko(
     else:
         trainer = JKOTrainer(x_train, x_val, x_test, config, flow, checkpoint=checkpoint, **options)
     run_pipeline(trainer)
-    trainer.flow.eval()
     best = trainer.best
-    return (best[0] if best is not None else trainer.flow), trainer.history
+    return (best[0] if best is not None else trainer.flow.eval()), trainer.history
