@@ -199,7 +199,9 @@ def test_peers_smoke(tmp_path):
     assert table.rows[0]["n_parameters"] == 22026  # zuko's NSF(2) at its defaults
     curves = _rows(tmp_path / "peers_curves.csv")
     assert sorted({r["method"] for r in curves}) == sorted(methods)
-    assert all(sum(r["method"] == m for r in curves) == 2 for m in methods)
+    # one check per 0.5 s of training, and one at the end: a step slower than 0.5 s (a loaded
+    # machine) leaves fewer
+    assert all(1 <= sum(r["method"] == m for r in curves) <= 2 for m in methods)
     assert _png(tmp_path / "peers.png")
 
 
