@@ -323,6 +323,10 @@ class JKOHistory:
             Selection.from_dict(data["selected"]) if data.get("selected") else None,
         )
 
+    def flow_blocks(self, n_blocks: int) -> list[BlockRecord]:
+        """The latest records of the current flow's first ``n_blocks`` blocks."""
+        return _blocks_of(self.stages, n_blocks) if self.stages else []
+
     def selected_blocks(self) -> list[BlockRecord]:
         """Per-block records of the selected flow (of the final one without a
         selection): the selected stage's blocks before ``n_blocks``, after the

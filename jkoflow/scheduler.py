@@ -291,14 +291,25 @@ def _train_with_step_control(
         progress.seconds += time.perf_counter() - start
 
 
+def _converged(trainer: JKOTrainer, n: int) -> bool:
+    """Whether each of the flow's first ``n`` blocks ended with a step-doubling
+    change below ``step_tol``: else the candidate's NLL is its RK4 map's, not
+    the model's, and it is not selectable."""
+    tol = trainer.config.step_tol
+    return all(abs(b.step_doubling_change or 0.0) < tol for b in trainer.history.flow_blocks(n))
+
+
 def consider(trainer: JKOTrainer, stage: StageRecord, record: BlockRecord) -> None:
     """Keeps the flow's first ``record.index + 1`` blocks (a copy) as the
-    trainer's selection when their validation NLL is strictly below the
+    trainer's selection when they are converged in their RK4 steps
+    (:func:`_converged`) and their validation NLL is strictly below the
     selected one's (:attr:`JKOTrainer.best`)."""
     selected = trainer.history.selected
     if selected is not None and not record.val_nll < selected.val_nll:
         return
     n = record.index + 1
+    if not _converged(trainer, n):
+        return
     trainer._best = copy.deepcopy(trainer.flow.head(n)).requires_grad_(False).eval()
     trainer.history.selected = Selection(stage.name, n, record.val_nll, record.test_nll)
 

@@ -154,3 +154,15 @@ def test_a_run_never_returns_a_flow_worse_than_the_gaussian_fit(tmp_path):
     assert summary["selected"]["stage"] == "gaussian" and summary["n_blocks"] == 0 and summary["blocks"] == []
     assert len(Flow.load(tmp_path / "run" / "flow.pt")) == 0
     assert summary["test_nll"] == pytest.approx(summary["selected"]["test_nll"])
+
+
+def test_a_flow_not_converged_in_its_rk4_steps_is_not_a_candidate(data):
+    """With a step tolerance no block meets (and no doubling allowed), no trained
+    flow may be returned: its NLL would be its RK4 map's, not the model's."""
+    strict = dataclasses.replace(CONFIG, reparam_iters=0, step_tol=1e-12, step_doublings=0)
+    flow, history = train_jko(*data, config=strict)
+    assert all(abs(b.step_doubling_change) >= 1e-12 for b in history.blocks)
+    assert history.selected.stage == "gaussian" and len(flow) == 0
+    loose = dataclasses.replace(strict, step_tol=10.0)
+    _, history = train_jko(*data, config=loose)
+    assert history.selected.stage == "initial" and history.selected.n_blocks >= 1

@@ -156,6 +156,10 @@ def test_cli_block_types(tmp_path, capsys):
     assert main([*args, "--max-blocks", "3", "--ter-eps", "1e-9", "--eval-steps", "4"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["block_types"] == ["otflow", "mlp"]
-    assert [b["type"] for b in Flow.load(out / "flow-initial.pt").config()["blocks"]] == ["otflow", "mlp", "mlp"]
+    assert [b["type"] for b in Flow.load(out / "flow-initial.pt").config()["blocks"]] == [
+        "otflow",
+        "mlp",
+        "mlp",
+    ]
     assert main(["train", "--data", "moons", "--out", str(tmp_path / "bad"), "--block-types", "nope"]) == 2
     assert "unknown block type 'nope'" in capsys.readouterr().err
