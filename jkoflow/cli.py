@@ -58,6 +58,8 @@ TRAIN_HELP = {
     "stage_iters": "Adam steps per block in reparametrisation/refinement stages (0: --iters)",
     "stage_lr": "initial lr of blocks retrained from their weights in those stages (0: --lr)",
     "free_block": "end with a free block: one more block trained on the KL alone, without the W2 term",
+    "val_every": "Adam steps between a block's early-stopping checks of the validation NLL (0: none)",
+    "patience": "stop a block once this many checks in a row are above its best by 2 standard errors",
     "max_batches": "stop training after this many mini-batches in all (0: no limit)",
     "max_seconds": "stop training after this many seconds of optimisation (0: no limit)",
     "checkpoint_every": "Adam steps between checkpoints inside a block (0: at block ends only)",
