@@ -54,9 +54,10 @@ class BlockProgress:
         optimizer: The Adam state dict (None before the first step).
         train_steps, iters: RK4 steps and Adam steps of the current training
             phase when the step control has extended it (0: the plan's).
-        checks: ``[step, validation NLL]`` of every early-stopping check
-            (:class:`jkoflow.loop.Plateau`).
-        best: The block's weights at the best check (None before the first).
+        checks: ``[step, validation NLL, its standard error, valid]`` of
+            every early-stopping check (:class:`jkoflow.loop.Plateau`; valid:
+            1.0 when the block's step-doubling change was below ``step_tol``).
+        best: The block's weights at the best valid check (None before the first).
 
     Example:
         >>> from jkoflow.checkpoint import BlockProgress

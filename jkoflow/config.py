@@ -311,20 +311,25 @@ class JKOConfig(TrainingConfig):
 
     Early stopping (:class:`jkoflow.loop.Plateau`): before its first step,
     every ``val_every`` Adam steps (0: never) and after its last, a block's
-    validation NLL is measured (on up to :data:`VALIDATION_ROWS` rows); the
-    block keeps its weights at the best check, and in the second half of its
-    steps stops once its last ``patience`` checks are all above the best by
-    more than twice their standard error (it overfits). So ``iters`` is an
-    upper bound, a block on small data stops once it overfits, and no block
-    is worse on the validation rows than the flow before it.
+    validation NLL is measured (on up to :data:`VALIDATION_ROWS` rows) with
+    its step-doubling change; a check is valid when that change is below
+    ``step_tol``. The block keeps its weights at the best valid check; in the
+    second half of its steps it stops once its last ``patience`` checks are
+    all above the best by more than twice their standard error (it
+    overfits), and at any step at an invalid check after a valid one (it has
+    begun to fit its RK4 discretisation; the step control then trains on at
+    doubled steps from the best valid weights). So ``iters`` is an upper
+    bound, a block on small data stops once it overfits, no block is worse
+    on the validation rows than the flow before it, and none keeps weights
+    whose NLL is its RK4 map's rather than the model's.
 
     Integration: ``train_steps`` RK4 steps per block in training,
     ``eval_steps`` for pushing, NLL and sampling. Step control
     (docs/design.md, "Integration"): after a block is trained, if its
     step-doubling change is at least ``step_tol`` nats or its relative
-    inversion error at least ``inversion_tol``, it trains on with its train
-    steps doubled for a quarter of its Adam steps more, at most
-    ``step_doublings`` times (0: only measure).
+    inversion error at least ``inversion_tol``, or one of its checks was
+    invalid, it trains on with its train steps doubled for a quarter of its
+    Adam steps more, at most ``step_doublings`` times (0: only measure).
 
     Stages after the initial pass (docs/design.md, "The scheduler and its stages";
     :mod:`jkoflow.stages`): up to ``reparam_iters``

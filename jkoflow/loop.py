@@ -44,6 +44,7 @@ __all__ = [
     "loss_fault",
     "optimize",
     "snapshot_parts",
+    "valid_check",
 ]
 
 
@@ -400,23 +401,28 @@ class Interrupt(Hook):
 
 
 class Plateau(Hook):
-    """Early stopping on a validation number ``measure() -> (value, stderr)``
-    (lower is better; ``stderr`` its standard error): measured before the
-    first step, after every ``every`` steps and after the last (``iters``),
-    recorded as ``[step, value, stderr]`` in ``progress.checks``; the weights
-    of ``module`` at the best check are kept in ``progress.best`` and put back
-    when the loop ends. In the second half of the steps the loop stops once
-    the last ``patience`` checks are all worse than the best by more than
-    twice their standard error: the block overfits. A check within the noise
-    of the best does not stop it, so a block on plentiful data trains its
-    whole schedule (its lowest learning rates gain most). Measuring counts as
-    the step's time.
+    """Early stopping on a validation number ``measure() -> (value, stderr,
+    valid)`` (lower is better; ``stderr`` its standard error; ``valid``
+    whether the number is the model's, e.g. converged in the RK4 steps):
+    measured before the first step, after every ``every`` steps and after
+    the last (``iters``), recorded as ``[step, value, stderr, valid]`` in
+    ``progress.checks``. The weights of ``module`` at the best valid check
+    are kept in ``progress.best`` and put back when the loop ends.
+
+    The loop stops (a) in the second half of the steps, once the last
+    ``patience`` checks are all worse than the best by more than twice their
+    standard error: the block overfits (a check within the noise of the best
+    does not stop it, so a block on plentiful data trains its whole schedule,
+    whose lowest learning rates gain most); (b) at any step, at an invalid
+    check after a valid one: the block has begun to fit its discretisation,
+    and training on only deepens it. Measuring counts as the step's time.
 
     Example:
         >>> from jkoflow.checkpoint import BlockProgress
         >>> from jkoflow.loop import Plateau, Step
         >>> module, progress = torch.nn.Linear(1, 1), BlockProgress(index=0)
-        >>> values = iter([(3.0, 0.1), (2.0, 0.1), (2.1, 0.1), (2.5, 0.1), (2.25, 0.1)])
+        >>> numbers = [(3.0, 0.1), (2.0, 0.1), (2.1, 0.1), (2.5, 0.1), (2.25, 0.1)]
+        >>> values = ((value, stderr, True) for value, stderr in numbers)  # all valid
         >>> hook = Plateau(progress, module, 1, 2, 8, lambda: next(values))  # checks at step 0
         >>> for it in range(4):
         ...     progress.count(1.0, 0.1)
@@ -426,6 +432,12 @@ class Plateau(Hook):
         2 False
         3 False
         4 True
+        >>> progress, values = BlockProgress(index=0), iter([(2.0, 0.1, True), (1.0, 0.1, False)])
+        >>> hook = Plateau(progress, module, 1, 2, 8, lambda: next(values))
+        >>> progress.count(1.0, 0.1)
+        >>> hook.measure(Step(0, 0.1, {"loss": 1.0}, seconds=0.1))  # 1.0 is not the model's
+        >>> hook.best(), hook.done()
+        (2.0, True)
     """
 
     def __init__(
@@ -435,7 +447,7 @@ class Plateau(Hook):
         every: int,
         patience: int,
         iters: int,
-        measure: Callable[[], tuple[float, float]],
+        measure: Callable[[], tuple[float, float, bool]],
     ) -> None:
         self.progress, self.module, self.every, self.patience = progress, module, every, patience
         self.iters, self.value = iters, measure
@@ -443,15 +455,14 @@ class Plateau(Hook):
             self._check(progress.iter)
 
     def _check(self, it: int) -> None:
-        value, stderr = (float(v) for v in self.value())
-        checks = self.progress.checks
-        if not checks or value < self.best():
+        value, stderr, valid = self.value()
+        if valid and value < self.best():
             self.progress.best = copy.deepcopy(self.module.state_dict())
-        checks.append([it, value, stderr])
+        self.progress.checks.append([it, float(value), float(stderr), float(bool(valid))])
 
     def best(self) -> float:
-        """The lowest value checked so far."""
-        return min(check[1] for check in self.progress.checks)
+        """The lowest valid value checked so far (inf before the first)."""
+        return min((check[1] for check in self.progress.checks if valid_check(check)), default=math.inf)
 
     def overfits(self) -> bool:
         """Whether the last ``patience`` checks are all above best + 2·stderr."""
@@ -459,10 +470,12 @@ class Plateau(Hook):
         if len(checks) < self.patience:
             return False
         best = self.best()
-        return all(value > best + 2 * se for _, value, se in checks[-self.patience :])
+        return all(check[1] > best + 2 * check[2] for check in checks[-self.patience :])
 
     def done(self) -> bool:
-        return 2 * self.progress.iter >= self.iters and self.overfits()
+        checks = self.progress.checks
+        diverted = bool(checks) and not valid_check(checks[-1]) and self.best() < math.inf
+        return diverted or (2 * self.progress.iter >= self.iters and self.overfits())
 
     def measure(self, step: Step) -> None:
         it = step.it + 1  # the step count once this step is counted
@@ -472,9 +485,15 @@ class Plateau(Hook):
             step.seconds += time.perf_counter() - tick
 
     def close(self) -> None:
-        checks = self.progress.checks
-        if self.progress.best is not None and checks[-1][1] > self.best():
+        last = self.progress.checks[-1]
+        if self.progress.best is not None and not (valid_check(last) and last[1] <= self.best()):
             self.module.load_state_dict(self.progress.best)
+
+
+def valid_check(check: list[float]) -> bool:
+    """Whether an early-stopping check ``[step, value, stderr, valid]`` is
+    valid (checks saved before the flag have three entries and are)."""
+    return len(check) < 4 or bool(check[3])
 
 
 @dataclass

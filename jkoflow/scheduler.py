@@ -37,7 +37,18 @@ from . import distributed
 from .checkpoint import BlockProgress
 from .config import VALIDATION_ROWS, JKOConfig
 from .errors import TrainingError
-from .loop import FAULTS, Bar, Checkpoints, Plateau, Records, Rollback, Step, optimize, snapshot_parts
+from .loop import (
+    FAULTS,
+    Bar,
+    Checkpoints,
+    Plateau,
+    Records,
+    Rollback,
+    Step,
+    optimize,
+    snapshot_parts,
+    valid_check,
+)
 from .objectives import JKOLoss, jko_loss
 from .placement import Placement
 from .records import GROWING, BlockRecord, JKOHistory, Selection, StageRecord, movement_spread
@@ -178,7 +189,8 @@ def _optimize_block(
     def record(step: Step) -> dict[str, float | int]:
         fields = {"stage": stage, "block": k, "iter": step.it, **step.terms, "lr": step.lr}
         fields["seconds"] = progress.seconds
-        if progress.checks and progress.checks[-1][0] == step.it + 1:  # an early-stopping check
+        checks = progress.checks
+        if checks and checks[-1][0] == step.it + 1 and valid_check(checks[-1]):  # a check of the model
             budget = trainer.budget
             fields.update(
                 val_nll=progress.checks[-1][1], n_batches=budget.batches, train_seconds=budget.seconds
@@ -212,17 +224,18 @@ def _plateau(
     the block (at its own RK4 steps) and the blocks after it that the stage
     has not retrained yet (:func:`_tail`): a retrained block is kept only
     where it makes the whole flow better."""
-    config = trainer.config
+    config, samples, k = trainer.config, trainer.samples, progress.index
     if not config.val_every:
         return []
     rows, tail = val.head(min(len(val.x), VALIDATION_ROWS)), _tail(trainer, plan)
 
-    def val_nll() -> tuple[float, float]:
+    def val_nll() -> tuple[float, float, bool]:
         with torch.no_grad():
-            pushed = trainer.samples.push(progress.index, rows)
+            pushed = samples.push(k, rows)
+            valid = abs(samples.step_doubling_change(k, rows, pushed)) < config.step_tol
             for later, steps in tail:
-                pushed = trainer.samples.push_block(later, pushed, steps)
-            return pushed.nll(), pushed.nll_stderr()
+                pushed = samples.push_block(later, pushed, steps)
+            return pushed.nll(), pushed.nll_stderr(), valid
 
     return [Plateau(progress, block, config.val_every, config.patience, plan.iters, val_nll)]
 
@@ -262,7 +275,9 @@ def _train_with_step_control(
 ) -> tuple[BlockProgress, BlockPlan, dict[str, Pushed], float, float]:
     """Trains the block on its plan, evaluated at the flow's base steps (step
     factor 1); while it fits its RK4 discretisation (:func:`_fits_its_steps`
-    fails) and ``step_doublings`` allow, trains on with the train steps and
+    fails, or an early-stopping check found its step-doubling change over
+    ``step_tol``: the phase then stopped there and put back the weights of
+    the best converged check) and ``step_doublings`` allow, trains on with the train steps and
     its step factor doubled (eval steps stay ``eval_steps/train_steps`` times
     the train steps) for a quarter of ``plan.iters`` more steps (the cosine
     schedule stretched to the new total, so it resumes at a low learning
@@ -280,6 +295,7 @@ def _train_with_step_control(
         block.requires_grad_(False)
         start = time.perf_counter()
         moved, change, error, fits = _fits_its_steps(trainer, k, cached)
+        fits = fits and all(valid_check(check) for check in progress.checks)
         steps = plan.train_steps or config.train_steps
         if fits or trainer.budget.done() or steps >= config.train_steps * 2**config.step_doublings:
             progress.seconds += time.perf_counter() - start

@@ -91,6 +91,34 @@ def test_a_run_where_the_control_never_acts_is_unchanged(data):
     )
 
 
+# checks every 10 steps: the block's step-doubling change is below 1e-3 up to
+# step 40 and over it from step 50 on (1.2e-3, 2.7e-3, 5.6e-3, ...; 6.0e-3 after 80)
+CHECKED = dataclasses.replace(CONFIG, iters=80, val_every=10, inversion_tol=1e9)
+
+
+def test_a_block_that_begins_to_fit_its_steps_stops_and_keeps_its_best_valid_weights(data):
+    unchecked = JKOTrainer(*data, config=dataclasses.replace(CHECKED, val_every=0, step_doublings=0))
+    assert unchecked.add_block().step_doubling_change > 5e-3  # trained to the end, it fits its steps
+    trainer = JKOTrainer(*data, config=dataclasses.replace(CHECKED, step_doublings=0))
+    record = trainer.add_block()
+    checks = trainer.history.iterations
+    assert record.n_batches == 50 == len(checks)  # stopped at the first invalid check
+    assert abs(record.step_doubling_change) < CHECKED.step_tol  # the weights of a valid check
+    assert [r["iter"] + 1 for r in checks if "val_nll" in r] == [10, 20, 30, 40]  # step 50's is not logged
+    # all 300 validation rows are checked: the record is the check at step 40, the best
+    assert record.val_nll == min(r["val_nll"] for r in checks if "val_nll" in r) == checks[39]["val_nll"]
+
+
+def test_a_block_that_begins_to_fit_its_steps_trains_on_at_doubled_steps(data):
+    trainer = JKOTrainer(*data, config=CHECKED)
+    record = trainer.add_block()
+    assert (record.step_doublings, record.train_steps, record.eval_steps) == (1, 2, 4)
+    assert trainer.flow.steps_factors == (2,)
+    assert record.n_batches == 50 + 50  # on from step 50 to the stretched 80 + 20
+    assert abs(record.step_doubling_change) < CHECKED.step_tol
+    assert record.val_nll < trainer.history.iterations[39]["val_nll"] - 0.1  # it trained on
+
+
 def test_a_block_interrupted_in_its_longer_phase_resumes_exactly(data, tmp_path):
     whole = JKOTrainer(*data, config=TIGHT)
     expected = whole.add_block()
