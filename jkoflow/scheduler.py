@@ -41,6 +41,7 @@ from .loop import (
     FAULTS,
     Bar,
     Checkpoints,
+    Objective,
     Plateau,
     Records,
     Rollback,
@@ -127,9 +128,14 @@ def _shown(h: float | None) -> str:
 
 
 def _rollback(
-    trainer: JKOTrainer, block: Block, optimizer: torch.optim.Optimizer, progress: BlockProgress
+    trainer: JKOTrainer,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    progress: BlockProgress,
+    label: str,
 ) -> Rollback:
-    """Rolls block k back to its last snapshot after a non-finite step, records
+    """Rolls ``module`` (block k, or the blocks a stage trains jointly: ``label``
+    in messages) back to its last snapshot after a non-finite step, records
     the fault and warns; raises TrainingError once the retries are spent."""
     k, config, history = progress.index, trainer.config, trainer.history
     stage = len(history.stages) - 1
@@ -137,7 +143,7 @@ def _rollback(
     def give_up(fault: str, it: int) -> NoReturn:
         trainer.save()
         raise TrainingError(
-            f"block {k + 1}: {FAULTS[fault][1]} at step {it} after {progress.retries} "
+            f"{label}: {FAULTS[fault][1]} at step {it} after {progress.retries} "
             f"retries (lr scaled by {progress.lr_scale:.3g}); the {k} blocks before it are finished",
             block_index=k,
         )
@@ -148,42 +154,61 @@ def _rollback(
             dict(zip(fields, (stage, k, it, fault, progress.iter, progress.lr_scale), strict=True))
         )
         warnings.warn(
-            f"block {k + 1}: {FAULTS[fault][0]} at step {it}; rolled back to step {progress.iter} "
+            f"{label}: {FAULTS[fault][0]} at step {it}; rolled back to step {progress.iter} "
             f"with the lr scaled by {progress.lr_scale:.3g} (retry {progress.retries}/{config.nan_retries})",
             RuntimeWarning,
-            stacklevel=5,
+            stacklevel=6,
         )
 
-    parts = snapshot_parts(block, optimizer, trainer.generator, history.iterations, progress, trainer.budget)
+    parts = snapshot_parts(module, optimizer, trainer.generator, history.iterations, progress, trainer.budget)
     return Rollback(progress, parts, config.nan_retries, config.nan_lr_factor, give_up, report)
 
 
 def _optimize_block(
     trainer: JKOTrainer, block: Block, plan: BlockPlan, cached: dict[str, Pushed]
 ) -> BlockProgress:
-    """Adam steps on the JKO loss of block ``plan.index`` on the shared loop
-    (training samples ``cached["train"]``), continuing its saved progress if
-    it has one; a non-finite step rolls back; early stopping on the validation
-    NLL of ``cached["val"]`` (:class:`~jkoflow.loop.Plateau`)."""
+    """Adam steps on the JKO loss of block ``plan.index`` (training samples
+    ``cached["train"]``) on :func:`run_loop`, with early stopping on the
+    validation NLL of ``cached["val"]`` (:func:`_plateau`)."""
+    objective = JKOObjective(
+        block,
+        plan,
+        cached["train"].x,
+        trainer.config,
+        trainer.generator,
+        trainer.placement,
+        lambda: trainer.budget.batches,
+    )
+
+    def plateau(progress: BlockProgress) -> list[Plateau]:
+        return _plateau(trainer, block, plan, progress, cached["val"])
+
+    return run_loop(trainer, block, objective, plan, plateau, f"block {plan.index + 1}")
+
+
+def run_loop(
+    trainer: JKOTrainer,
+    module: torch.nn.Module,
+    objective: Objective,
+    plan: BlockPlan,
+    plateau: Callable[[BlockProgress], list[Plateau]],
+    label: str,
+) -> BlockProgress:
+    """Adam steps on ``objective`` over ``module``'s parameters for ``plan.iters``
+    steps on the shared loop with the trainer's hooks (early stopping from
+    ``plateau``, interrupt, budget, records, progress bar ``label``,
+    checkpoints), continuing the trainer's saved progress of unit
+    ``plan.index`` if it has one; a non-finite step rolls back."""
     k, config, history = plan.index, trainer.config, trainer.history
-    block.train()
-    optimizer = torch.optim.Adam(block.parameters(), lr=config.lr)
+    module.train()
+    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
     if trainer.block is None or trainer.block.index != k:
         trainer.block = BlockProgress(k)
     progress = trainer.block
     if progress.optimizer is not None:
         optimizer.load_state_dict(progress.optimizer)
     trainer.optimizer = optimizer
-    objective = JKOObjective(
-        block,
-        plan,
-        cached["train"].x,
-        config,
-        trainer.generator,
-        trainer.placement,
-        lambda: trainer.budget.batches,
-    )
-    rollback = _rollback(trainer, block, optimizer, progress)
+    rollback = _rollback(trainer, module, optimizer, progress, label)
     stage = len(history.stages) - 1
 
     def record(step: Step) -> dict[str, float | int]:
@@ -201,16 +226,16 @@ def _optimize_block(
         return {"loss": f"{step.terms['loss']:.4f}", "h": _shown(plan.h)} if step.it % 10 == 0 else None
 
     hooks = [
-        *_plateau(trainer, block, plan, progress, cached["val"]),
+        *plateau(progress),
         trainer.interrupt,
         trainer.budget,
         Records(history.iterations, record, trainer.callback),
-        Bar(progress, plan.iters, f"block {k + 1}", trainer.progress, postfix, leave=False),
+        Bar(progress, plan.iters, label, trainer.progress, postfix, leave=False),
         Checkpoints(progress, plan.iters, config.checkpoint_every, rollback, trainer.save),
     ]
     rollback.snapshot()  # after the early-stopping check before the first step, which it keeps
     optimize(objective, optimizer, progress, plan.iters, rollback, hooks)
-    block.eval()
+    module.eval()
     trainer.optimizer, progress.optimizer = None, None
     return progress
 
