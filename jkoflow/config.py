@@ -344,7 +344,9 @@ class JKOConfig(TrainingConfig):
     start trained, and a restart at the new-block ``lr`` would first undo them.
     With ``free_block`` a last ``free`` stage adds one block trained on the
     KL alone, without the W2 term (JKO-iFlow's free block), for ``iters``
-    steps.
+    steps. With ``finetune_iters > 0`` a last ``finetune`` stage trains all
+    the blocks of the run together on the NLL of the whole flow for that
+    many Adam steps, from ``finetune_lr`` (:mod:`jkoflow.finetune`).
 
     Budget: training stops once ``max_batches`` mini-batches or
     ``max_seconds`` of training (0: no limit) are spent; the block in training
@@ -407,6 +409,8 @@ class JKOConfig(TrainingConfig):
     step_doublings: int = 2
     val_every: int = 100
     patience: int = 3
+    finetune_iters: int = 0
+    finetune_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         for name in ("refine", "block_types"):  # JSON gives lists
@@ -418,7 +422,16 @@ class JKOConfig(TrainingConfig):
         positive = ("h0", "rho", "h_max", "ter_eps", "reparam_tol", "h_min", "step_tol", "inversion_tol")
         check_positive(self, positive, float)
         check_positive(self, ("max_blocks",), int)
-        _check_count(self, ("reparam_iters", "stage_iters", "max_batches", "step_doublings", "val_every"))
+        counts = (
+            "reparam_iters",
+            "stage_iters",
+            "max_batches",
+            "step_doublings",
+            "val_every",
+            "finetune_iters",
+        )
+        _check_count(self, counts)
+        check_positive(self, ("finetune_lr",), float)
         if not (isinstance(self.stage_lr, (int, float)) and self.stage_lr >= 0):
             raise InputError(f"stage_lr must be a non-negative number (0: lr), got {self.stage_lr!r}")
         check_positive(self, ("patience",), int)

@@ -59,7 +59,17 @@ from .stages import BlockPlan, Slice, reparametrize
 if TYPE_CHECKING:
     from .trainer import JKOTrainer
 
-__all__ = ["JKOHistory", "consider", "fit_block", "movement_spread", "new_block", "reparametrize"]
+__all__ = [
+    "JKOHistory",
+    "block_record",
+    "consider",
+    "fit_block",
+    "movement_spread",
+    "new_block",
+    "reparametrize",
+    "run_loop",
+    "stop_if_interrupted",
+]
 
 
 class JKOObjective:
@@ -355,6 +365,54 @@ def consider(trainer: JKOTrainer, stage: StageRecord, record: BlockRecord) -> No
     trainer.history.selected = Selection(stage.name, n, record.val_nll, record.test_nll)
 
 
+def block_record(
+    trainer: JKOTrainer,
+    k: int,
+    h: float | None,
+    before: dict[str, Pushed],
+    moved: dict[str, Pushed],
+    progress: BlockProgress | None,
+    change: float,
+    error: float,
+    train_steps: int,
+    start: str | Slice = "new",
+) -> BlockRecord:
+    """The :class:`BlockRecord` of block ``k`` from the samples before and after
+    it: W_k and Ter(k) on the validation set, the NLLs, the Adam steps and
+    seconds of ``progress`` (none: 0) and the RK4 measures."""
+    with torch.no_grad():
+        step = (moved["val"].x - before["val"].x).pow(2).sum(1).mean()
+        ter = step / moved["val"].x.pow(2).sum(1).mean()
+    losses = progress.losses if progress is not None else []
+    return BlockRecord(
+        index=k,
+        h=h,
+        movement=float(step.sqrt()),
+        ter=float(ter),
+        val_nll=moved["val"].nll(),
+        n_batches=len(losses),
+        seconds=progress.seconds if progress is not None else 0.0,
+        loss_first=losses[0] if losses else None,
+        loss_last=losses[-1] if losses else None,
+        retries=progress.retries if progress is not None else 0,
+        test_nll=moved["test"].nll() if "test" in moved else None,
+        parent=start.parent if not isinstance(start, str) else None,
+        slice=start.piece if not isinstance(start, str) else None,
+        step_doubling_change=change,
+        inversion_error=error,
+        train_steps=train_steps,
+        step_doublings=round(math.log2(train_steps / trainer.config.train_steps)),
+        eval_steps=trainer.flow.block_steps(k),
+    )
+
+
+def stop_if_interrupted(trainer: JKOTrainer) -> None:
+    """Raises KeyboardInterrupt after a unit of training once a rank was asked to stop."""
+    if trainer.placement.group.any(trainer.interrupt.interrupted):  # decided together
+        trainer.interrupt.interrupted = True
+        raise KeyboardInterrupt
+
+
 def fit_block(
     trainer: JKOTrainer, stage: StageRecord, plan: BlockPlan, cached: dict[str, Pushed]
 ) -> dict[str, Pushed]:
@@ -366,29 +424,7 @@ def fit_block(
     block = trainer.flow.blocks[k]
     progress, trained, moved, change, error = _train_with_step_control(trainer, block, plan, cached)
     steps = trained.train_steps or config.train_steps
-    with torch.no_grad():
-        step = (moved["val"].x - cached["val"].x).pow(2).sum(1).mean()
-        losses = progress.losses
-        record = BlockRecord(
-            index=k,
-            h=plan.h,
-            movement=float(step.sqrt()),
-            ter=float(step / moved["val"].x.pow(2).sum(1).mean()),
-            val_nll=moved["val"].nll(),
-            n_batches=len(losses),
-            seconds=progress.seconds,
-            loss_first=losses[0] if losses else None,
-            loss_last=losses[-1] if losses else None,
-            retries=progress.retries,
-            test_nll=moved["test"].nll() if "test" in moved else None,
-            parent=plan.start.parent if not isinstance(plan.start, str) else None,
-            slice=plan.start.piece if not isinstance(plan.start, str) else None,
-            step_doubling_change=change,
-            inversion_error=error,
-            train_steps=steps,
-            step_doublings=round(math.log2(steps / config.train_steps)),
-            eval_steps=trainer.flow.block_steps(k),
-        )
+    record = block_record(trainer, k, plan.h, cached, moved, progress, change, error, steps, plan.start)
     stage.blocks.append(record)
     if stage.kind in GROWING:  # each prefix of a growing stage is a candidate
         consider(trainer, stage, record)
@@ -402,7 +438,5 @@ def fit_block(
             f"{2 * record.eval_steps}, trained at {steps})  "
             f"({record.seconds:.1f} s)"
         )
-    if trainer.placement.group.any(trainer.interrupt.interrupted):  # decided together
-        trainer.interrupt.interrupted = True
-        raise KeyboardInterrupt
+    stop_if_interrupted(trainer)
     return moved

@@ -19,6 +19,8 @@ names to solvers: adding a stage kind means adding one function.
 - ``free``: one new block after all the others, trained without the W2 term
   (``h=None``, h → ∞): JKO-iFlow's final *free block*, which minimises the KL
   left after the scheme on its own.
+- ``finetune``: every block the run trained, trained together on the NLL of
+  the whole flow (one unit, ``start="joint"``; :mod:`jkoflow.finetune`).
 
 Reference: Xu, Cheng, Xie, JKO-iFlow, https://arxiv.org/abs/2212.14424
 (reparametrisation and refinement, its section 3).
@@ -77,7 +79,9 @@ class BlockPlan:
         h: Its step size; None to train it without the W2 term.
         iters: Adam steps.
         start: ``"new"`` (a freshly initialised block k), ``"keep"`` (the
-            flow's block k, from its weights) or a :class:`Slice`.
+            flow's block k, from its weights), a :class:`Slice`, or
+            ``"joint"`` (blocks k, k+1, … to the flow's last, from their
+            weights, trained together).
         train_steps: RK4 steps in training (None: the config's).
 
     Example:
@@ -257,11 +261,21 @@ def plan_free(history: JKOHistory, stage: StageRecord, context: PlanContext) -> 
     return _remaining(stage, [None], context.config.iters, context.first, lambda p: "new")
 
 
+def plan_finetune(history: JKOHistory, stage: StageRecord, context: PlanContext) -> Plan:
+    """The blocks from ``context.first`` (the first the run trained) to the
+    flow's last as one joint unit with ``finetune_iters`` Adam steps, unless
+    the budget is spent before it starts."""
+    if not stage.blocks and context.out_of_budget:
+        return Plan(stopped_by="budget")
+    return _remaining(stage, [None], context.config.finetune_iters, context.first, lambda p: "joint")
+
+
 STAGES: dict[str, PlanFn] = {
     "initial": plan_grow,
     "extend": plan_grow,
     "reparam": plan_reparam,
     "refine": plan_refine,
     "free": plan_free,
+    "finetune": plan_finetune,
 }
 """Stage kinds and their plans."""

@@ -10,7 +10,9 @@ samples of p_{k−1} (:mod:`jkoflow.scheduler`). The configured pipeline:
 2. up to ``reparam_iters`` ``reparam`` stages, until the movement spread
    max_k |W_k − W̄|/W̄ < ``reparam_tol``;
 3. one ``refine`` stage per entry c of ``refine``;
-4. with ``free_block``, a ``free`` stage: one more block without the W2 term.
+4. with ``free_block``, a ``free`` stage: one more block without the W2 term;
+5. with ``finetune_iters``, a ``finetune`` stage: all the run's blocks
+   trained together on the NLL (:mod:`jkoflow.finetune`).
 
 Resuming a finished run with a larger ``max_blocks`` adds an ``extend n``
 stage. What each stage trains is a plan of :mod:`jkoflow.stages`.
@@ -37,6 +39,7 @@ from blocks import time_slices
 from .checkpoint import BlockProgress, TrainerState, data_fingerprint, load_state, save_state
 from .config import JKOConfig, resume_config
 from .errors import InputError
+from .finetune import check_processes, fit_joint
 from .flow import Flow, as_data_tensor
 from .loop import Budget, Interrupt
 from .metrics import nll
@@ -118,6 +121,7 @@ class JKOTrainer:
         sets = _data_sets(x_train, x_val, x_test, config, flow, host)
         dim = next(iter(sets.values())).shape[1]
         self.placement = resolve_placement(config, host.group, sum(len(x) for x in sets.values()), dim)
+        check_processes(config, self.placement.group.size)
         fresh = flow is None
         flow = (
             flow if flow is not None else Flow.for_data(sets["train"], config.eval_steps, config.standardize)
@@ -251,6 +255,8 @@ class JKOTrainer:
             self._close(open_stage)
         if kind in ("extend", "free"):
             self.first = len(self.flow)
+        if kind == "finetune":  # every block the run trained
+            self.first = history.stages[0].blocks[0].index if history.stages[0].blocks else len(self.flow)
         name = "initial" if kind == "initial" else f"{kind} {history.count(kind) + 1}"
         stage = StageRecord(name, kind, factor=factor, rule=rule)
         history.stages.append(stage)
@@ -296,8 +302,9 @@ class JKOTrainer:
             cached = carry[2]
         else:
             cached = self.samples.through(self.first, len(stage.blocks))
+        fit = fit_joint if start == "joint" else fit_block
         with _stop_on_interrupt(self.interrupt, enabled=self.checkpoint is not None):
-            moved = fit_block(self, stage, plan, cached)
+            moved = fit(self, stage, plan, cached)
         self._carry = (stage.name, len(stage.blocks), moved)
         return stage.blocks[-1]
 
@@ -348,9 +355,11 @@ def _consider_gaussian(trainer: JKOTrainer) -> None:
 
 def _refuse_after_free(history: JKOHistory, kind: str) -> None:
     """Reparametrisation and refinement change or split the step sizes h of the
-    last stage's blocks; after a ``free`` stage there is none."""
-    if kind in ("reparam", "refine") and history.stages and history.stages[-1].kind == "free":
-        raise InputError(f"cannot {kind} after the free block: it has no step size h to change or split")
+    last stage's blocks; after a ``free`` or ``finetune`` stage there are none."""
+    last = history.stages[-1].kind if history.stages else None
+    if kind in ("reparam", "refine") and last in ("free", "finetune"):
+        what = "the free block" if last == "free" else "fine-tuning"
+        raise InputError(f"cannot {kind} after {what}: it has no step size h to change or split")
 
 
 def _state(trainer: JKOTrainer) -> TrainerState:
@@ -437,7 +446,8 @@ def _stop_on_interrupt(interrupt: Interrupt, enabled: bool) -> Iterator[None]:
 def run_pipeline(trainer: JKOTrainer) -> None:
     """The configured stages, continued where they stand: ``initial``, then up to
     ``reparam_iters`` ``reparam`` stages, then one ``refine`` stage per entry of
-    ``refine``, then a ``free`` stage with ``free_block``; a finished run gets
+    ``refine``, then a ``free`` stage with ``free_block`` and a ``finetune``
+    stage with ``finetune_iters``; a finished run gets
     an ``extend`` stage instead."""
     history = trainer.history
     if trainer.finished:
@@ -461,9 +471,10 @@ def _later_stages(trainer: JKOTrainer) -> None:
         if history.open_stage("refine") is None and trainer.budget.done():
             break
         trainer.refine(c)
-    wants_free = config.free_block and not history.count("free", complete=True)
-    if wants_free and (history.open_stage("free") is not None or not trainer.budget.done()):
-        trainer.run_stage("free")
+    for kind, wanted in (("free", config.free_block), ("finetune", config.finetune_iters > 0)):
+        begun = history.open_stage(kind) is not None
+        if wanted and not history.count(kind, complete=True) and (begun or not trainer.budget.done()):
+            trainer.run_stage(kind)
 
 
 def train_jko(

@@ -1,0 +1,189 @@
+r"""The ``finetune`` stage: the blocks of a run trained together on the NLL
+(docs/design.md, "The scheduler and its stages").
+
+The JKO stages train each block on its own, on samples pushed through the
+frozen blocks before it. Fine-tuning then trains blocks k₀ … L−1 (every
+block this run trained) jointly on the negative log-likelihood of the
+whole flow,
+
+.. math::
+    J(θ_{k_0}, …, θ_{L−1}) = E_x\big[½‖T(x)‖² − \textstyle\sum_k ℓ_k(x)\big] + \tfrac d2 \log 2π,
+    \qquad T = T_{L−1}∘…∘T_{k_0},
+
+with x (n, d) the data pushed through the frozen blocks before k₀ (whose
+log-determinant does not depend on θ and is left out), every block at its
+own train steps (``train_steps`` times its step factor), by Adam with a
+cosine decay from ``finetune_lr`` to ``finetune_lr·lr_final_factor``.
+There is no W2 term; what keeps the blocks regular is that the stage starts
+from the JKO solution at a small learning rate and that early stopping
+(:class:`~jkoflow.loop.Plateau`) keeps the weights of the best *valid*
+check of the whole flow's validation NLL, valid meaning every block's
+step-doubling change below ``step_tol``. The fine-tuned flow is a candidate
+like any stage's: the run keeps it only where its validation NLL is lower.
+
+Reference: Onken et al., OT-Flow (https://arxiv.org/abs/2006.00104) train
+one flow end to end on this likelihood; Xu, Cheng, Xie, JKO-iFlow
+(https://arxiv.org/abs/2212.14424) train block by block, which this stage
+follows with a short end-to-end pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from blocks import Block
+
+from .checkpoint import BlockProgress
+from .config import VALIDATION_ROWS, JKOConfig
+from .errors import InputError
+from .loop import Plateau
+from .objectives import gaussian_log_prob
+from .ode import integrate
+from .placement import Placement
+from .records import StageRecord
+from .samples import Pushed
+from .scheduler import block_record, run_loop, stop_if_interrupted
+from .stages import BlockPlan
+
+if TYPE_CHECKING:
+    from .trainer import JKOTrainer
+
+__all__ = ["JointObjective", "check_processes", "fit_joint"]
+
+
+class JointObjective:
+    """The NLL of mini-batches of ``x`` (n, d) drawn by ``generator`` through
+    ``blocks`` in order, block j at ``steps[j]`` RK4 steps.
+
+    Example:
+        >>> import blocks
+        >>> from jkoflow.finetune import JointObjective
+        >>> from jkoflow.placement import resolve_placement
+        >>> config = jkoflow.JKOConfig(batch_size=16, finetune_lr=0.01)
+        >>> pair = [blocks.make("otflow", dim=2, width=4) for _ in range(2)]
+        >>> objective = JointObjective(pair, [2, 2], torch.randn(40, 2), config,
+        ...                            torch.Generator().manual_seed(0), resolve_placement(config), iters=10)
+        >>> loss, terms = objective.loss()
+        >>> bool(loss == terms["loss"]), objective.lr(0, 1.0)  # the cosine starts at finetune_lr
+        (True, 0.01)
+    """
+
+    def __init__(
+        self,
+        blocks: list[Block],
+        steps: list[int],
+        x: Tensor,
+        config: JKOConfig,
+        generator: torch.Generator,
+        placement: Placement,
+        iters: int,
+    ) -> None:
+        self.blocks, self.steps, self.x, self.iters = blocks, steps, x, iters
+        self.config, self.generator, self.placement = config, generator, placement
+        self.batch = config.batch_for(len(x))
+
+    def lr(self, it: int, scale: float) -> float:
+        """scale·(lr_f + (lr − lr_f)(1 + cos(π·it/iters))/2), lr = ``finetune_lr``,
+        lr_f = lr·``lr_final_factor``."""
+        lr = self.config.finetune_lr
+        final = lr * self.config.lr_final_factor
+        return scale * (final + (lr - final) * (1 + math.cos(math.pi * it / self.iters)) / 2)
+
+    def loss(self) -> tuple[Tensor, dict[str, Tensor]]:
+        index = torch.randint(len(self.x), (self.batch,), generator=self.generator)
+        z = self.placement.compute(self.x[index.to(self.x.device)])
+        logdet = z.new_zeros(len(z))
+        for block, steps in zip(self.blocks, self.steps, strict=True):
+            out = integrate(block, z, steps)
+            z, logdet = out.z, logdet + out.logdet
+        nll = -(gaussian_log_prob(z) + logdet).mean()
+        return nll, {"loss": nll}
+
+
+def check_processes(config: JKOConfig, processes: int) -> None:
+    """Refuses fine-tuning in a process group (it runs in one process)."""
+    if config.finetune_iters and processes > 1:
+        raise InputError(
+            f"the finetune stage runs in one process, not {processes}: set finetune_iters to 0 "
+            "to train in a process group"
+        )
+
+
+def _plateau(
+    trainer: JKOTrainer, blocks: nn.ModuleList, plan: BlockPlan, progress: BlockProgress, val: Pushed
+) -> list[Plateau]:
+    """Early stopping on the whole flow's validation NLL (first
+    :data:`~jkoflow.config.VALIDATION_ROWS` rows); a check is valid when every
+    fine-tuned block's step-doubling change is below ``step_tol``."""
+    config, samples = trainer.config, trainer.samples
+    if not config.val_every:
+        return []
+    rows = val.head(min(len(val.x), VALIDATION_ROWS))
+
+    def val_nll() -> tuple[float, float, bool]:
+        pushed, valid = rows, True
+        with torch.no_grad():
+            for k in range(plan.index, len(trainer.flow)):
+                moved = samples.push(k, pushed)
+                valid = valid and abs(samples.step_doubling_change(k, pushed, moved)) < config.step_tol
+                pushed = moved
+        return pushed.nll(), pushed.nll_stderr(), valid
+
+    return [Plateau(progress, blocks, config.val_every, config.patience, plan.iters, val_nll)]
+
+
+def fit_joint(
+    trainer: JKOTrainer, stage: StageRecord, plan: BlockPlan, cached: dict[str, Pushed]
+) -> dict[str, Pushed]:
+    """Trains blocks ``plan.index`` … L−1 of the flow jointly on the NLL for
+    ``plan.iters`` Adam steps (samples ``cached``: the data pushed through
+    the frozen blocks before them), freezes them, pushes every set through
+    them, appends a record per block to ``stage`` (the stage's steps and
+    seconds on the last one), writes a checkpoint and returns the samples
+    of the whole flow."""
+    flow, config, first = trainer.flow, trainer.config, plan.index
+    blocks = nn.ModuleList(flow.blocks[first:])
+    steps = [config.train_steps * f for f in flow.steps_factors[first:]]
+    objective = JointObjective(
+        list(blocks), steps, cached["train"].x, config, trainer.generator, trainer.placement, plan.iters
+    )
+    blocks.requires_grad_(True)
+    progress = run_loop(
+        trainer,
+        blocks,
+        objective,
+        plan,
+        lambda p: _plateau(trainer, blocks, plan, p, cached["val"]),
+        "fine-tuning",
+    )
+    blocks.requires_grad_(False)
+    samples, tick, pushes, measures = trainer.samples, time.perf_counter(), [cached], []
+    with torch.no_grad():
+        for k in range(first, len(flow)):
+            pushes.append(samples.push_all(k, pushes[-1]))
+            before, after = pushes[-2]["val"], pushes[-1]["val"]
+            measures.append(
+                (samples.step_doubling_change(k, before, after), samples.inversion_error(k, before, after))
+            )
+    progress.seconds += time.perf_counter() - tick
+    for j, (change, error) in enumerate(measures):
+        spent = progress if j == len(measures) - 1 else None  # the stage's steps, on its last record
+        record = block_record(
+            trainer, first + j, None, pushes[j], pushes[j + 1], spent, change, error, steps[j]
+        )
+        stage.blocks.append(record)
+    trainer.block = None
+    trainer.save()
+    if trainer.progress:
+        tqdm.write(
+            f"[{stage.name}] blocks {first + 1}–{len(flow)}: val NLL={record.val_nll:.4f} "
+            f"after {progress.iter} joint steps ({progress.seconds:.1f} s)"
+        )
+    stop_if_interrupted(trainer)
+    return pushes[-1]

@@ -1,0 +1,121 @@
+"""The finetune stage (jkoflow.finetune): every block of the run trained
+together on the NLL of the whole flow, recorded, selected only where it is
+better, resumable, refused where it cannot run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import jkoflow
+from jkoflow import InputError, JKOConfig, JKOTrainer, datasets, train_jko
+from jkoflow.finetune import JointObjective, check_processes
+from jkoflow.metrics import nll
+from jkoflow.placement import resolve_placement
+
+from .test_trainer import _same_weights
+
+CONFIG = JKOConfig(
+    width=8, iters=40, batch_size=256, train_steps=2, eval_steps=4, max_blocks=2, ter_eps=1e-9,
+    val_every=10, finetune_iters=40, finetune_lr=0.01,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data():
+    return datasets.load_split("checkerboard", n=3000, seed=0)
+
+
+def test_the_joint_objective_is_the_flow_s_nll_at_the_train_steps():
+    torch.manual_seed(0)
+    config = JKOConfig(width=4, batch_size=32, dtype="float64")
+    flow = jkoflow.Flow(2, [config.make_block(2, k) for k in range(2)], steps=3).double()
+    x = torch.randn(32, 2, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(5)
+    objective = JointObjective(list(flow.blocks), [3, 3], x, config, generator, resolve_placement(config), 10)
+    rows = torch.randint(32, (32,), generator=torch.Generator().manual_seed(5))
+    loss, terms = objective.loss()
+    expected = -flow.log_prob(x[rows]).mean()  # no standardisation: the flow is the blocks alone
+    assert (
+        float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-10) and terms["loss"] is loss
+    )
+    assert objective.lr(0, 1.0) == config.finetune_lr
+    assert objective.lr(10, 1.0) == pytest.approx(config.finetune_lr * config.lr_final_factor, rel=1e-12)
+    loss.backward()  # gradients reach every block
+    assert all(
+        any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in b.parameters()) for b in flow.blocks
+    )
+
+
+def test_fine_tuning_lowers_the_whole_flow_s_nll_and_is_selected(data):
+    trainer = JKOTrainer(*data, config=CONFIG)
+    trainer.grow()
+    before = trainer.history.stages[0].blocks[-1]
+    stage = trainer.run_stage("finetune")
+    assert stage.name == "finetune 1" and stage.complete and [b.index for b in stage.blocks] == [0, 1]
+    assert all(b.h is None for b in stage.blocks)
+    first, last = stage.blocks
+    assert first.n_batches == 0 and last.n_batches == stage.n_batches <= CONFIG.finetune_iters
+    assert stage.n_batches >= CONFIG.finetune_iters // 2  # early stopping acts in the second half only
+    assert last.loss_last < last.loss_first
+    assert last.val_nll < before.val_nll - 0.01  # the joint steps gain over the block-wise flow
+    assert last.val_nll == pytest.approx(float(nll(trainer.flow, data[1])), abs=1e-5)
+    assert (
+        abs(first.step_doubling_change) < CONFIG.step_tol and abs(last.step_doubling_change) < CONFIG.step_tol
+    )
+    selected = trainer.history.selected
+    assert selected.stage == "finetune 1" and selected.n_blocks == 2 and selected.val_nll == last.val_nll
+    assert _same_weights(trainer.best[0], trainer.flow)
+    checks = [r for r in trainer.history.iterations if r["stage"] == 1 and "val_nll" in r]
+    assert checks and all(r["block"] == 0 for r in checks)  # the joint unit is logged as block 0
+    with pytest.raises(InputError, match="after fine-tuning"):
+        trainer.reparametrize(1)
+    with pytest.raises(InputError, match="after fine-tuning"):
+        trainer.refine(2)
+
+
+def test_fine_tuning_leaves_the_frozen_input_blocks_alone(data):
+    base = JKOTrainer(*data, config=dataclasses.replace(CONFIG, max_blocks=1))
+    base.grow()
+    frozen = base.flow
+    trainer = JKOTrainer(*data, config=CONFIG, flow=frozen)
+    trainer.grow()  # block 2 on data pushed through the frozen block 1
+    kept = {k: v.clone() for k, v in trainer.flow.blocks[0].state_dict().items()}
+    stage = trainer.run_stage("finetune")
+    assert [b.index for b in stage.blocks] == [1]
+    assert all(torch.equal(v, trainer.flow.blocks[0].state_dict()[k]) for k, v in kept.items())
+
+
+def test_the_pipeline_ends_with_fine_tuning_and_resumes_in_it_exactly(data, tmp_path):
+    config = dataclasses.replace(CONFIG, free_block=True, checkpoint_every=5)
+    _, history = train_jko(*data, config=config)
+    assert [s.name for s in history.stages] == ["initial", "free 1", "finetune 1"]
+    assert [b.index for b in history.stages[-1].blocks] == [0, 1, 2]
+    path = tmp_path / "run.pt"
+    stops = iter(range(10_000))
+
+    def stop_in_the_fine_tuning(record: dict) -> None:
+        if record["stage"] == 2 and record["iter"] == 17 and next(stops) == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_jko(*data, config=config, checkpoint=path, callback=stop_in_the_fine_tuning)
+    _, resumed = train_jko(*data, checkpoint=path, resume=True)
+    assert [r["loss"] for r in resumed.iterations] == [r["loss"] for r in history.iterations]
+    assert resumed.selected == history.selected
+    numbers = [
+        [(b.val_nll, b.test_nll, b.n_batches) for b in h.stages[-1].blocks] for h in (resumed, history)
+    ]
+    assert numbers[0] == numbers[1]
+
+
+def test_fine_tuning_is_refused_where_it_cannot_run():
+    with pytest.raises(InputError, match="finetune_iters"):
+        JKOConfig(finetune_iters=-1)
+    with pytest.raises(InputError, match="finetune_lr"):
+        JKOConfig(finetune_lr=0.0)
+    with pytest.raises(InputError, match="one process"):
+        check_processes(JKOConfig(finetune_iters=10), processes=2)
+    check_processes(JKOConfig(finetune_iters=0), processes=2)  # no fine-tuning: nothing to refuse
