@@ -491,11 +491,13 @@ RESUMABLE = (
     "lr",
     "chunk_size",
     "cache_device",
+    "finetune_iters",
+    "finetune_lr",
 )
 """JKOConfig fields a resumed run may change: budgets, checkpointing, fault
 handling, the learning rate (e.g. after a run stopped on non-finite losses),
-where the cached samples live and ``max_blocks`` (to add blocks to a finished
-flow)."""
+where the cached samples live, ``max_blocks`` (to add blocks to a finished
+flow) and the fine-tuning (to fine-tune a finished flow)."""
 
 
 def resume_config(saved: JKOConfig, given: JKOConfig) -> JKOConfig:

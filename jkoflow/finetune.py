@@ -54,7 +54,7 @@ from .stages import BlockPlan
 if TYPE_CHECKING:
     from .trainer import JKOTrainer
 
-__all__ = ["JointObjective", "check_processes", "fit_joint"]
+__all__ = ["JointObjective", "check_processes", "fit_joint", "wants_finetune"]
 
 
 class JointObjective:
@@ -104,6 +104,13 @@ class JointObjective:
             z, logdet = out.z, logdet + out.logdet
         nll = -(gaussian_log_prob(z) + logdet).mean()
         return nll, {"loss": nll}
+
+
+def wants_finetune(config: JKOConfig, last_stage: str | None) -> bool:
+    """Whether a finished run resumed with ``config`` whose last stage is of
+    kind ``last_stage`` gets a ``finetune`` stage: ``finetune_iters > 0`` and
+    the last stage is not already one (nor missing)."""
+    return config.finetune_iters > 0 and last_stage not in (None, "finetune")
 
 
 def check_processes(config: JKOConfig, processes: int) -> None:

@@ -20,7 +20,7 @@ from torch import Tensor
 from .checkpoint import TrainerState, data_fingerprint, load_state
 from .config import JKOConfig, TrainingConfig, resolve_device, resolve_dtype, resume_config
 from .errors import InputError
-from .finetune import check_processes
+from .finetune import check_processes, wants_finetune
 from .flow import Flow
 from .serialization import reading_content
 
@@ -134,12 +134,12 @@ def check_resume(
                 raise InputError(f"the {name} data differ from those {trainer} was trained on")
     config = resume_config(saved, config)
     if state.finished:
-        if len(state.flow) < config.max_blocks:
+        if len(state.flow) < config.max_blocks or wants_finetune(config, open_kind):
             return Resume(config, state, finalize=False)
         if all(path.is_file() for path in finals):
             raise InputError(
-                f"training in {trainer.parent} has finished with {len(state.flow)} blocks; "
-                f"pass --max-blocks above {len(state.flow)} to add blocks"
+                f"training in {trainer.parent} has finished with {len(state.flow)} blocks; pass "
+                f"--max-blocks above {len(state.flow)} to add blocks, or --finetune-iters N to fine-tune them"
             )
         return Resume(config, state, finalize=True)
     block = state.block

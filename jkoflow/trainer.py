@@ -39,7 +39,7 @@ from blocks import time_slices
 from .checkpoint import BlockProgress, TrainerState, data_fingerprint, load_state, save_state
 from .config import JKOConfig, resume_config
 from .errors import InputError
-from .finetune import check_processes, fit_joint
+from .finetune import check_processes, fit_joint, wants_finetune
 from .flow import Flow, as_data_tensor
 from .loop import Budget, Interrupt
 from .metrics import nll
@@ -212,8 +212,8 @@ class JKOTrainer:
         """Adds blocks to a finished flow on data pushed through all of it."""
         if len(self.flow) >= self.config.max_blocks:
             raise InputError(
-                f"training has finished with {len(self.flow)} blocks; "
-                f"set max_blocks above {len(self.flow)} to add blocks"
+                f"training has finished with {len(self.flow)} blocks; set max_blocks above "
+                f"{len(self.flow)} to add blocks, or finetune_iters to fine-tune them"
             )
         self.finished = False
         stage = self.run_stage("extend")
@@ -447,11 +447,19 @@ def run_pipeline(trainer: JKOTrainer) -> None:
     """The configured stages, continued where they stand: ``initial``, then up to
     ``reparam_iters`` ``reparam`` stages, then one ``refine`` stage per entry of
     ``refine``, then a ``free`` stage with ``free_block`` and a ``finetune``
-    stage with ``finetune_iters``; a finished run gets
-    an ``extend`` stage instead."""
+    stage with ``finetune_iters``. A finished run gets an ``extend`` stage
+    when ``max_blocks`` is above its blocks, then a ``finetune`` stage when
+    ``finetune_iters`` asks for one and its last stage is not one."""
     history = trainer.history
     if trainer.finished:
-        trainer.extend()
+        last = history.stages[-1].kind if history.stages else None
+        if len(trainer.flow) < trainer.config.max_blocks or not wants_finetune(trainer.config, last):
+            trainer.extend()  # refuses a finished flow that would get nothing
+        if wants_finetune(trainer.config, history.stages[-1].kind):
+            trainer.finished = False
+            trainer.run_stage("finetune")
+            trainer.finished = True
+            trainer.save()
         return
     if history.open_stage("extend") is not None:
         trainer.run_stage("extend")

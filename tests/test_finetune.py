@@ -5,6 +5,7 @@ better, resumable, refused where it cannot run."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -119,3 +120,44 @@ def test_fine_tuning_is_refused_where_it_cannot_run():
     with pytest.raises(InputError, match="one process"):
         check_processes(JKOConfig(finetune_iters=10), processes=2)
     check_processes(JKOConfig(finetune_iters=0), processes=2)  # no fine-tuning: nothing to refuse
+
+
+def test_a_finished_run_is_fine_tuned_on_resume(data, tmp_path):
+    config = dataclasses.replace(CONFIG, finetune_iters=0)
+    path = tmp_path / "run.pt"
+    train_jko(*data, config=config, checkpoint=path)
+    with pytest.raises(InputError, match="finetune_iters to fine-tune them"):
+        train_jko(*data, checkpoint=path, resume=True)  # finished, nothing to add
+    tuned = dataclasses.replace(config, finetune_iters=30)
+    flow, history = train_jko(*data, config=tuned, checkpoint=path, resume=True)
+    assert [s.name for s in history.stages] == ["initial", "finetune 1"]
+    assert history.stages[-1].n_batches == 30 and history.selected.stage == "finetune 1"
+    assert float(nll(flow, data[1])) == pytest.approx(history.selected.val_nll, abs=1e-5)  # the tuned flow
+    with pytest.raises(InputError, match="has finished"):  # already fine-tuned: nothing to add
+        train_jko(*data, config=tuned, checkpoint=path, resume=True)
+
+
+def test_the_command_line_fine_tunes_a_finished_run(tmp_path):
+    from jkoflow.cli import main
+
+    tiny = [
+        "--n-samples",
+        "3000",
+        "--width",
+        "8",
+        "--iters",
+        "20",
+        "--batch-size",
+        "128",
+        "--max-blocks",
+        "1",
+    ]
+    out = tmp_path / "run"
+    assert main(["train", "--data", "8gaussians", "--out", str(out), *tiny, "--quiet"]) == 0
+    before = json.loads((out / "summary.json").read_text())
+    assert main(["train", "--resume", str(out), "--finetune-iters", "20", "--quiet"]) == 0
+    after = json.loads((out / "summary.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    assert [s["name"] for s in history["stages"]] == ["initial", "finetune 1"]
+    assert after["n_batches"] == before["n_batches"] + 20
+    assert main(["train", "--resume", str(out), "--finetune-iters", "20", "--quiet"]) == 2  # nothing to add
