@@ -429,8 +429,7 @@ def _resumed_configs(args: argparse.Namespace) -> tuple[DataConfig, JKOConfig]:
     if not isinstance(saved, dict) or saved.get("method") != "jko" or "train" not in saved:
         raise InputError(f"{args.resume} does not hold a jkoflow train run")
     given = {k: v for k, v in vars(args).items() if v is not None}
-    train = saved["train"]
-    train = {**JKOConfig.SAVED_DEFAULTS, **train} if isinstance(train, dict) else train  # as it was trained
+    train = JKOConfig.saved_fields(saved["train"])  # as it was trained
     return config_from_dict(DataConfig, saved["data"]), _config(JKOConfig, train, given)
 
 

@@ -463,7 +463,13 @@ class JKOConfig(TrainingConfig):
     def from_saved(cls, data: dict[str, Any]) -> JKOConfig:
         """The config of a saved run (checkpoint or config.json): fields it lacks
         take :attr:`SAVED_DEFAULTS`, so it resumes as it was trained."""
-        return config_from_dict(cls, {**cls.SAVED_DEFAULTS, **data}) if isinstance(data, dict) else data
+        return config_from_dict(cls, cls.saved_fields(data)) if isinstance(data, dict) else data
+
+    @classmethod
+    def saved_fields(cls, data: Any) -> Any:
+        """The fields of a saved config with :attr:`SAVED_DEFAULTS` for those it
+        lacks (``data`` as it is when it is not a dict, for the checks to refuse)."""
+        return {**cls.SAVED_DEFAULTS, **data} if isinstance(data, dict) else data
 
     def block_types_used(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.block_types)) or (self.block,)

@@ -140,7 +140,7 @@ def _plateau(
                 moved = samples.push(k, pushed)
                 valid = valid and abs(samples.step_doubling_change(k, pushed, moved)) < config.step_tol
                 pushed = moved
-        return pushed.nll(), pushed.nll_stderr(), valid
+        return (*pushed.nll_with_stderr(), valid)
 
     return [Plateau(progress, blocks, config.val_every, config.patience, plan.iters, val_nll)]
 

@@ -41,14 +41,19 @@ class Pushed:
     x: Tensor
     logdet: Tensor
 
-    def nll(self) -> float:
-        """−mean(log N(x; 0, I) + ℓ): the NLL of the data under the flow so far."""
-        return float(-(gaussian_log_prob(self.x) + self.logdet).mean())
+    def per_row(self) -> Tensor:
+        """−(log N(x; 0, I) + ℓ), shape (n,): each row's NLL under the flow so far."""
+        return -(gaussian_log_prob(self.x) + self.logdet)
 
-    def nll_stderr(self) -> float:
-        """The standard error of :meth:`nll`: std of the per-row NLL over √rows."""
-        per_row = -(gaussian_log_prob(self.x) + self.logdet)
-        return float(per_row.std() / len(per_row) ** 0.5) if len(per_row) > 1 else float("inf")
+    def nll(self) -> float:
+        """The mean of :meth:`per_row`: the NLL of the data under the flow so far."""
+        return float(self.per_row().mean())
+
+    def nll_with_stderr(self) -> tuple[float, float]:
+        """:meth:`nll` and its standard error, the per-row NLL's std over √rows."""
+        per_row = self.per_row()
+        stderr = float(per_row.std() / len(per_row) ** 0.5) if len(per_row) > 1 else float("inf")
+        return float(per_row.mean()), stderr
 
     def head(self, rows: int) -> Pushed:
         return Pushed(self.x[:rows], self.logdet[:rows])

@@ -270,7 +270,7 @@ def _plateau(
             valid = abs(samples.step_doubling_change(k, rows, pushed)) < config.step_tol
             for later, steps in tail:
                 pushed = samples.push_block(later, pushed, steps)
-            return pushed.nll(), pushed.nll_stderr(), valid
+            return (*pushed.nll_with_stderr(), valid)
 
     return [Plateau(progress, block, config.val_every, config.patience, plan.iters, val_nll)]
 
