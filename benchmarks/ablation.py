@@ -3,12 +3,14 @@
 ``python -m benchmarks.ablation --data checkerboard,8gaussians,gmm:d=8,k=5,seed=0
 --seeds 0,1,2,3`` trains the recipe (:data:`RECIPE`: the initial pass, one
 reparametrisation iteration, one refinement stage with c = 2 and a free block,
-every later stage with ``stage_iters`` Adam steps per block) on each data set
-and seed and reads, from the run's stage records, the flow after each stage:
+every later stage with ``stage_iters`` Adam steps per block, then 600 steps
+of joint fine-tuning) on each data set and seed and reads, from the run's
+stage records, the flow after each stage:
 
 * ``first pass``: the initial stage (blocks until Ter(k) < ε);
-* ``+ reparam``, ``+ refine``, ``+ free block``: after each later stage, at
-  the same architecture (the stages retrain and split the same blocks);
+* ``+ reparam``, ``+ refine``, ``+ free block``, ``+ fine-tune``: after each
+  later stage, at the same architecture (the stages retrain and split the
+  same blocks);
 * ``full recipe``: the flow the run returns, the best candidate by
   validation NLL (:class:`jkoflow.records.Selection`).
 
@@ -38,10 +40,22 @@ from .jko_study import _entropy, _mean_sd, _write_csv
 
 __all__ = ["RECIPE", "STAGE_ROWS", "ablation", "main", "stage_rows"]
 
-RECIPE: dict[str, Any] = {"reparam_iters": 1, "refine": (2,), "free_block": True, "stage_iters": 400}
+RECIPE: dict[str, Any] = {
+    "reparam_iters": 1,
+    "refine": (2,),
+    "free_block": True,
+    "stage_iters": 400,
+    "finetune_iters": 600,
+}
 """JKOConfig fields of the recipe (the defaults otherwise)."""
 
-STAGE_ROWS = {"initial": "first pass", "reparam": "+ reparam", "refine": "+ refine", "free": "+ free block"}
+STAGE_ROWS = {
+    "initial": "first pass",
+    "reparam": "+ reparam",
+    "refine": "+ refine",
+    "free": "+ free block",
+    "finetune": "+ fine-tune",
+}
 """Stage kind → the row it ends."""
 
 

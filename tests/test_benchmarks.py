@@ -231,10 +231,14 @@ def test_ablation_rows_follow_the_stages_and_the_selection(tmp_path):
     from benchmarks.ablation import ablation
     from jkoflow import datasets
 
-    base = {"width": 8, "iters": 10, "stage_iters": 5, "batch_size": 128, "max_blocks": 2, "ter_eps": 1e-9}
+    base = {
+        "width": 8, "iters": 10, "stage_iters": 5, "batch_size": 128, "max_blocks": 2, "ter_eps": 1e-9,
+        "finetune_iters": 8,
+    }  # fmt: skip
     rows = ablation(["8gaussians"], [0], 2000, tmp_path, base=base)
-    assert [r["row"] for r in rows] == ["first pass", "+ reparam", "+ refine", "+ free block", "full recipe"]
-    assert [r["n_batches"] for r in rows] == [20, 30, 50, 60, 60]  # 2×10, 2×5, 4×5, 10
+    names = ["first pass", "+ reparam", "+ refine", "+ free block", "+ fine-tune", "full recipe"]
+    assert [r["row"] for r in rows] == names
+    assert [r["n_batches"] for r in rows] == [20, 30, 50, 60, 68, 68]  # 2×10, 2×5, 4×5, 10, 8
     entropy = -datasets.target("8gaussians").log_prob(datasets.load_split("8gaussians", n=2000)[2]).mean()
     assert rows[0]["kl_left"] == pytest.approx(rows[0]["test_nll"] - float(entropy), rel=1e-9)
     best = {r["row"]: r["test_nll"] for r in rows[:-1]}
