@@ -292,7 +292,9 @@ class JKOConfig(TrainingConfig):
     those of :class:`TrainingConfig`.
 
     Schedule: block k (k = 0, 1, …) uses h_k = min(h0·ρ^k, h_max); blocks are
-    added until Ter(k) < ``ter_eps`` or ``max_blocks`` blocks exist.
+    added until Ter(k) < ``ter_eps`` while the block lowered the validation
+    NLL by less than ``gain_eps`` nats (0: Ter alone; the first block of a
+    stage is judged by Ter alone), or ``max_blocks`` blocks exist.
 
     Optimisation per block: ``iters`` Adam steps on mini-batches of
     ``batch_size`` cached pushed samples (0: min(1024, training rows)), lr cosine-decayed from ``lr`` to
@@ -378,10 +380,10 @@ class JKOConfig(TrainingConfig):
     """
 
     AUTO_BATCH: ClassVar[int] = 1024
-    SAVED_DEFAULTS: ClassVar[dict[str, Any]] = {"val_every": 0, "stage_lr": 0.0}
+    SAVED_DEFAULTS: ClassVar[dict[str, Any]] = {"val_every": 0, "stage_lr": 0.0, "gain_eps": 0.0}
     """Fields added after runs were saved, with the values that train as those
-    runs did (no early stopping, stages at ``lr``): what a resumed run that
-    lacks them gets (:meth:`from_saved`)."""
+    runs did (no early stopping, stages at ``lr``, the Ter rule alone): what a
+    resumed run that lacks them gets (:meth:`from_saved`)."""
 
     iters: int = 1200
     h0: float = 5.0
@@ -389,6 +391,7 @@ class JKOConfig(TrainingConfig):
     h_max: float = 20.0
     max_blocks: int = 8
     ter_eps: float = 0.01
+    gain_eps: float = 0.005
     lr_final_factor: float = 0.02
     warm_start: bool = False
     transport: str = "path"
@@ -432,6 +435,14 @@ class JKOConfig(TrainingConfig):
         )
         _check_count(self, counts)
         check_positive(self, ("finetune_lr",), float)
+        if not (
+            isinstance(self.gain_eps, (int, float))
+            and not isinstance(self.gain_eps, bool)
+            and self.gain_eps >= 0
+        ):
+            raise InputError(
+                f"gain_eps must be a non-negative number (0: the Ter rule alone), got {self.gain_eps!r}"
+            )
         if not (isinstance(self.stage_lr, (int, float)) and self.stage_lr >= 0):
             raise InputError(f"stage_lr must be a non-negative number (0: lr), got {self.stage_lr!r}")
         check_positive(self, ("patience",), int)

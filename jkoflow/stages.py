@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .records import JKOHistory, StageRecord
+from .records import BlockRecord, JKOHistory, StageRecord
 
 if TYPE_CHECKING:
     from .config import JKOConfig
@@ -126,7 +126,10 @@ class Plan:
         >>> STAGES["initial"](history, stage, context).blocks  # h_1 = h0·ρ
         [BlockPlan(index=1, h=2.0, iters=5, start='new', train_steps=None)]
         >>> stage.blocks.append(BlockRecord(1, 2.0, 0.1, 0.001, 2.4, 5, 0.5, 2.6, 2.5, 0))
-        >>> STAGES["initial"](history, stage, context).stopped_by  # Ter(1) < ε
+        >>> STAGES["initial"](history, stage, context).blocks  # Ter(1) < ε, but it gained 0.1 nats
+        [BlockPlan(index=2, h=4.0, iters=5, start='new', train_steps=None)]
+        >>> stage.blocks.append(BlockRecord(2, 4.0, 0.1, 0.001, 2.398, 5, 0.5, 2.4, 2.4, 0))
+        >>> STAGES["initial"](history, stage, context).stopped_by  # Ter(2) < ε and a gain < gain_eps
         'ter'
     """
 
@@ -212,11 +215,24 @@ def _remaining(
     return Plan([BlockPlan(first + p, hs[p], iters, start(p)) for p in range(done, len(hs))], complete=True)
 
 
+def _stalled(records: list[BlockRecord], config: JKOConfig) -> bool:
+    """Whether the last block of a growing stage moved less than Ter(k) < ε and,
+    with ``gain_eps > 0`` and a block before it in the stage, also lowered the
+    validation NLL by less than ``gain_eps`` nats: the scheme has nothing left
+    to move *and* nothing left to gain."""
+    if not records or records[-1].ter >= config.ter_eps:
+        return False
+    if not config.gain_eps or len(records) < 2:
+        return True
+    return records[-2].val_nll - records[-1].val_nll < config.gain_eps
+
+
 def plan_grow(history: JKOHistory, stage: StageRecord, context: PlanContext) -> Plan:
-    """One new block with h_k = min(h0·ρ^k, h_max), unless the last one moved
-    less than Ter(k) < ε, the budget is spent or ``max_blocks`` are reached."""
+    """One new block with h_k = min(h0·ρ^k, h_max), unless the last one stalled
+    (:func:`_stalled`: Ter(k) < ε and a validation gain under ``gain_eps``),
+    the budget is spent or ``max_blocks`` are reached."""
     config, records = context.config, stage.blocks
-    if records and records[-1].ter < config.ter_eps:
+    if _stalled(records, config):
         return Plan(stopped_by="ter")
     if records and context.out_of_budget:
         return Plan(stopped_by="budget")

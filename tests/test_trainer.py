@@ -147,6 +147,23 @@ def test_grow_plan_schedule_and_stops():
     assert STAGES["initial"](_history(stage), stage, PlanContext(config, 0)) == Plan(stopped_by="ter")
 
 
+def test_the_pass_goes_on_after_a_block_that_moved_little_but_gained():
+    config = JKOConfig(h0=2.0, rho=1.5, h_max=4.0, max_blocks=5, ter_eps=0.05, gain_eps=0.005)
+    first, second = _record(0, 2.0, 1.0), _record(1, 3.0, 0.1, ter=0.01)
+    second.val_nll = first.val_nll - 0.02  # Ter(1) < ε, but 0.02 nats gained
+    stage = StageRecord("initial", "initial", [first, second])
+    assert STAGES["initial"](_history(stage), stage, PlanContext(config, 0)).blocks[0].index == 2
+    alone = dataclasses.replace(config, gain_eps=0.0)  # the Ter rule alone
+    assert STAGES["initial"](_history(stage), stage, PlanContext(alone, 0)) == Plan(stopped_by="ter")
+    third = _record(2, 4.0, 0.05, ter=0.01)
+    third.val_nll = second.val_nll - 0.004
+    stage.blocks.append(third)
+    assert STAGES["initial"](_history(stage), stage, PlanContext(config, 0)) == Plan(stopped_by="ter")
+    assert JKOConfig.from_saved({"ter_eps": 0.05}).gain_eps == 0.0  # runs saved before the rule
+    with pytest.raises(jkoflow.InputError, match="gain_eps"):
+        JKOConfig(gain_eps=-1.0)
+
+
 def test_reparam_plan_gives_the_rule_numbers():
     config = JKOConfig(reparam_eta=0.5, h_min=0.05, h_max=20.0, stage_iters=7)
     initial = StageRecord("initial", "initial", [_record(0, 1.0, 1.0), _record(1, 2.0, 3.0)], complete=True)
