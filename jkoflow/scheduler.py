@@ -64,6 +64,7 @@ __all__ = [
     "block_record",
     "consider",
     "fit_block",
+    "fits_its_steps",
     "movement_spread",
     "new_block",
     "reparametrize",
@@ -292,7 +293,7 @@ def _tail(trainer: JKOTrainer, plan: BlockPlan) -> list[tuple[Block, int]]:
 Measured = tuple[dict[str, Pushed], float, float, bool]
 
 
-def _fits_its_steps(trainer: JKOTrainer, k: int, cached: dict[str, Pushed]) -> Measured:
+def fits_its_steps(trainer: JKOTrainer, k: int, cached: dict[str, Pushed]) -> Measured:
     """Pushes every set through the frozen block ``k`` at its own RK4 steps
     (``trainer.flow.block_steps(k)``); (the samples of p_k, its step-doubling
     change, its relative inversion error, whether both are below the config's
@@ -309,7 +310,7 @@ def _train_with_step_control(
     trainer: JKOTrainer, block: Block, plan: BlockPlan, cached: dict[str, Pushed]
 ) -> tuple[BlockProgress, BlockPlan, dict[str, Pushed], float, float]:
     """Trains the block on its plan, evaluated at the flow's base steps (step
-    factor 1); while it fits its RK4 discretisation (:func:`_fits_its_steps`
+    factor 1); while it fits its RK4 discretisation (:func:`fits_its_steps`
     fails, or an early-stopping check found its step-doubling change over
     ``step_tol``: the phase then stopped there and put back the weights of
     the best converged check) and ``step_doublings`` allow, trains on with the train steps and
@@ -329,7 +330,7 @@ def _train_with_step_control(
         progress = _optimize_block(trainer, block, plan, cached)
         block.requires_grad_(False)
         start = time.perf_counter()
-        moved, change, error, fits = _fits_its_steps(trainer, k, cached)
+        moved, change, error, fits = fits_its_steps(trainer, k, cached)
         fits = fits and all(valid_check(check) for check in progress.checks)
         steps = plan.train_steps or config.train_steps
         if fits or trainer.budget.done() or steps >= config.train_steps * 2**config.step_doublings:

@@ -447,13 +447,16 @@ def run_pipeline(trainer: JKOTrainer) -> None:
     """The configured stages, continued where they stand: ``initial``, then up to
     ``reparam_iters`` ``reparam`` stages, then one ``refine`` stage per entry of
     ``refine``, then a ``free`` stage with ``free_block`` and a ``finetune``
-    stage with ``finetune_iters``. A finished run gets an ``extend`` stage
-    when ``max_blocks`` is above its blocks, then a ``finetune`` stage when
-    ``finetune_iters`` asks for one and its last stage is not one."""
+    stage with ``finetune_iters``. A finished run resumed with
+    ``finetune_iters`` (and a last stage that is not a ``finetune``) gets a
+    ``finetune`` stage, after an ``extend`` stage only if its blocks stopped
+    at ``max_blocks`` and ``max_blocks`` is now larger; otherwise it gets an
+    ``extend`` stage when ``max_blocks`` is above its blocks."""
     history = trainer.history
     if trainer.finished:
-        last = history.stages[-1].kind if history.stages else None
-        if len(trainer.flow) < trainer.config.max_blocks or not wants_finetune(trainer.config, last):
+        finetune = wants_finetune(trainer.config, history.stages[-1].kind if history.stages else None)
+        more = len(trainer.flow) < trainer.config.max_blocks and history.stopped_by == "max_blocks"
+        if more or not finetune:
             trainer.extend()  # refuses a finished flow that would get nothing
         if wants_finetune(trainer.config, history.stages[-1].kind):
             trainer.finished = False

@@ -13,7 +13,7 @@ import torch
 import jkoflow
 from jkoflow import InputError, JKOConfig, JKOTrainer, datasets, train_jko
 from jkoflow.finetune import JointObjective, check_processes
-from jkoflow.metrics import nll
+from jkoflow.metrics import nll, step_doubling_change
 from jkoflow.placement import resolve_placement
 
 from .test_trainer import _same_weights
@@ -123,7 +123,7 @@ def test_fine_tuning_is_refused_where_it_cannot_run():
 
 
 def test_a_finished_run_is_fine_tuned_on_resume(data, tmp_path):
-    config = dataclasses.replace(CONFIG, finetune_iters=0)
+    config = dataclasses.replace(CONFIG, finetune_iters=0)  # stops at max_blocks
     path = tmp_path / "run.pt"
     train_jko(*data, config=config, checkpoint=path)
     with pytest.raises(InputError, match="finetune_iters to fine-tune them"):
@@ -135,6 +135,16 @@ def test_a_finished_run_is_fine_tuned_on_resume(data, tmp_path):
     assert float(nll(flow, data[1])) == pytest.approx(history.selected.val_nll, abs=1e-5)  # the tuned flow
     with pytest.raises(InputError, match="has finished"):  # already fine-tuned: nothing to add
         train_jko(*data, config=tuned, checkpoint=path, resume=True)
+
+
+def test_a_run_stopped_by_ter_is_fine_tuned_not_extended(data, tmp_path):
+    config = dataclasses.replace(CONFIG, finetune_iters=0, max_blocks=3, ter_eps=10.0)
+    path = tmp_path / "run.pt"
+    _, history = train_jko(*data, config=config, checkpoint=path)
+    assert history.stopped_by == "ter" and len(history.blocks) == 1
+    tuned = dataclasses.replace(config, finetune_iters=20)
+    _, history = train_jko(*data, config=tuned, checkpoint=path, resume=True)
+    assert [s.name for s in history.stages] == ["initial", "finetune 1"]
 
 
 def test_the_command_line_fine_tunes_a_finished_run(tmp_path):
@@ -161,3 +171,15 @@ def test_the_command_line_fine_tunes_a_finished_run(tmp_path):
     assert [s["name"] for s in history["stages"]] == ["initial", "finetune 1"]
     assert after["n_batches"] == before["n_batches"] + 20
     assert main(["train", "--resume", str(out), "--finetune-iters", "20", "--quiet"]) == 2  # nothing to add
+
+
+def test_a_fine_tuned_block_off_its_steps_is_evaluated_at_doubled_steps(data):
+    trainer = JKOTrainer(*data, config=dataclasses.replace(CONFIG, max_blocks=1, val_every=0))
+    trainer.grow()
+    assert trainer.flow.steps_factors == (1,)
+    trainer.config = dataclasses.replace(trainer.config, step_tol=1e-12)  # no block fits so tight a tolerance
+    (record,) = trainer.run_stage("finetune").blocks
+    assert trainer.flow.steps_factors == (4,) and record.eval_steps == 16  # doubled twice (step_doublings)
+    assert record.train_steps == 2 and record.step_doublings == 0  # its training was not changed
+    assert record.val_nll == pytest.approx(float(nll(trainer.flow, data[1])), abs=1e-5)  # at 16 steps
+    assert record.step_doubling_change == pytest.approx(step_doubling_change(trainer.flow, data[1]), abs=2e-5)
