@@ -226,13 +226,15 @@ class JKOObjective(nn.Module):
         return torch.stack(tuple(terms)) * weight
 
 
-def data_parallel(block: Block, group: Group, device: torch.device) -> nn.Module | None:
-    """``block``'s :class:`JKOObjective` wrapped in DistributedDataParallel, or
+def data_parallel(
+    block: Block | nn.Module, group: Group, device: torch.device, objective: nn.Module | None = None
+) -> nn.Module | None:
+    """``objective`` (default: ``block``'s :class:`JKOObjective`), a module whose
+    forward is the whole loss of a step, wrapped in DistributedDataParallel, or
     None in a single process (which then calls the loss directly). Parameters
     the loss does not depend on (e.g. the constant of a potential) are allowed."""
     if not group.enabled:
         return None
     ids = [device.index if device.index is not None else group.local_rank] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(
-        JKOObjective(block), device_ids=ids, find_unused_parameters=True
-    )
+    module = objective if objective is not None else JKOObjective(block)
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)

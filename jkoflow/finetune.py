@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,9 +40,9 @@ from tqdm.auto import tqdm
 
 from blocks import Block
 
+from . import distributed
 from .checkpoint import BlockProgress
 from .config import VALIDATION_ROWS, JKOConfig
-from .errors import InputError
 from .loop import Plateau
 from .objectives import gaussian_log_prob
 from .ode import integrate
@@ -54,12 +55,42 @@ from .stages import BlockPlan
 if TYPE_CHECKING:
     from .trainer import JKOTrainer
 
-__all__ = ["JointObjective", "check_processes", "fit_joint", "wants_finetune"]
+__all__ = ["JointNLL", "JointObjective", "fit_joint", "wants_finetune"]
+
+
+class JointNLL(nn.Module):
+    """The NLL of a batch through ``blocks`` in order as one module call, so
+    that DistributedDataParallel sees one forward and one backward per step.
+
+    ``forward(x, steps, weight)``: x (n, d), block j at ``steps[j]`` RK4 steps;
+    returns weight·mean(−log N(T(x); 0, I) − Σ_j ℓ_j(x)), a scalar.
+
+    Example:
+        >>> import blocks
+        >>> from jkoflow.finetune import JointNLL
+        >>> pair = [blocks.make("otflow", dim=2, width=4) for _ in range(2)]
+        >>> flow, x = jkoflow.Flow(2, pair, steps=2), torch.randn(8, 2)
+        >>> bool(torch.isclose(JointNLL(pair)(x, [2, 2], 1.0), -flow.log_prob(x).mean()))
+        True
+    """
+
+    def __init__(self, blocks: list[Block]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor, steps: list[int], weight: float) -> Tensor:
+        z, logdet = x, x.new_zeros(len(x))
+        for block, n in zip(self.blocks, steps, strict=True):
+            out = integrate(block, z, n)
+            z, logdet = out.z, logdet + out.logdet
+        return -(gaussian_log_prob(z) + logdet).mean() * weight
 
 
 class JointObjective:
-    """The NLL of mini-batches of ``x`` (n, d) drawn by ``generator`` through
-    ``blocks`` in order, block j at ``steps[j]`` RK4 steps.
+    """The NLL (:class:`JointNLL`) of mini-batches of ``x`` (n, d) drawn by
+    ``generator`` through ``blocks`` in order, block j at ``steps[j]`` RK4
+    steps, on this process or, in a process group, sharded over the ranks
+    (:mod:`jkoflow.distributed`: the result equals one process's).
 
     Example:
         >>> import blocks
@@ -83,10 +114,13 @@ class JointObjective:
         generator: torch.Generator,
         placement: Placement,
         iters: int,
+        step: Callable[[], int] = lambda: 0,
     ) -> None:
-        self.blocks, self.steps, self.x, self.iters = blocks, steps, x, iters
+        self.steps, self.x, self.iters, self.step = steps, x, iters, step  # step: mini-batches so far
         self.config, self.generator, self.placement = config, generator, placement
         self.batch = config.batch_for(len(x))
+        self.nll = JointNLL(blocks)
+        self.parallel = distributed.data_parallel(self.nll, placement.group, placement.device, self.nll)
 
     def lr(self, it: int, scale: float) -> float:
         """scale·(lr_f + (lr − lr_f)(1 + cos(π·it/iters))/2), lr = ``finetune_lr``,
@@ -97,13 +131,16 @@ class JointObjective:
 
     def loss(self) -> tuple[Tensor, dict[str, Tensor]]:
         index = torch.randint(len(self.x), (self.batch,), generator=self.generator)
-        z = self.placement.compute(self.x[index.to(self.x.device)])
-        logdet = z.new_zeros(len(z))
-        for block, steps in zip(self.blocks, self.steps, strict=True):
-            out = integrate(block, z, steps)
-            z, logdet = out.z, logdet + out.logdet
-        nll = -(gaussian_log_prob(z) + logdet).mean()
-        return nll, {"loss": nll}
+        if self.parallel is None:
+            nll = self.nll(self.placement.compute(self.x[index.to(self.x.device)]), self.steps, 1.0)
+            return nll, {"loss": nll}
+        group = self.placement.group
+        start, stop = group.shard(len(index))
+        batch = self.placement.compute(self.x[index[start:stop].to(self.x.device)])
+        weight = group.size * (stop - start) / len(index)
+        with group.step_rng(self.config.seed, self.step(), self.placement.device):  # the ranks' own noise
+            local = self.parallel(batch, self.steps, weight)
+        return local, {"loss": group.sum(local.detach()) / group.size}
 
 
 def wants_finetune(config: JKOConfig, last_stage: str | None) -> bool:
@@ -111,15 +148,6 @@ def wants_finetune(config: JKOConfig, last_stage: str | None) -> bool:
     kind ``last_stage`` gets a ``finetune`` stage: ``finetune_iters > 0`` and
     the last stage is not already one (nor missing)."""
     return config.finetune_iters > 0 and last_stage not in (None, "finetune")
-
-
-def check_processes(config: JKOConfig, processes: int) -> None:
-    """Refuses fine-tuning in a process group (it runs in one process)."""
-    if config.finetune_iters and processes > 1:
-        raise InputError(
-            f"the finetune stage runs in one process, not {processes}: set finetune_iters to 0 "
-            "to train in a process group"
-        )
 
 
 def _plateau(
@@ -175,10 +203,17 @@ def fit_joint(
     flow, config, first = trainer.flow, trainer.config, plan.index
     blocks = nn.ModuleList(flow.blocks[first:])
     steps = [config.train_steps * f for f in flow.steps_factors[first:]]
+    blocks.requires_grad_(True)  # before DistributedDataParallel, which needs trainable parameters
     objective = JointObjective(
-        list(blocks), steps, cached["train"].x, config, trainer.generator, trainer.placement, plan.iters
+        list(blocks),
+        steps,
+        cached["train"].x,
+        config,
+        trainer.generator,
+        trainer.placement,
+        plan.iters,
+        lambda: trainer.budget.batches,
     )
-    blocks.requires_grad_(True)
     progress = run_loop(
         trainer,
         blocks,

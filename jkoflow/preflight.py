@@ -20,7 +20,7 @@ from torch import Tensor
 from .checkpoint import TrainerState, data_fingerprint, load_state
 from .config import JKOConfig, TrainingConfig, resolve_device, resolve_dtype, resume_config
 from .errors import InputError
-from .finetune import check_processes, wants_finetune
+from .finetune import wants_finetune
 from .flow import Flow
 from .serialization import reading_content
 
@@ -67,8 +67,6 @@ def check_training(
         for x, name in zip(splits, ("training", "validation", "test"), strict=True)
     )
     config.batch_for(len(tensors[0]), processes)
-    if isinstance(config, JKOConfig):
-        check_processes(config, processes)
     Flow.for_data(tensors[0], config.eval_steps, config.standardize)
     for k in range(n_blocks):
         config.make_block(dim, k).to(device=device, dtype=dtype)

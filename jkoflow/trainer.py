@@ -39,7 +39,7 @@ from blocks import time_slices
 from .checkpoint import BlockProgress, TrainerState, data_fingerprint, load_state, save_state
 from .config import JKOConfig, resume_config
 from .errors import InputError
-from .finetune import check_processes, fit_joint, wants_finetune
+from .finetune import fit_joint, wants_finetune
 from .flow import Flow, as_data_tensor
 from .loop import Budget, Interrupt
 from .metrics import nll
@@ -121,7 +121,6 @@ class JKOTrainer:
         sets = _data_sets(x_train, x_val, x_test, config, flow, host)
         dim = next(iter(sets.values())).shape[1]
         self.placement = resolve_placement(config, host.group, sum(len(x) for x in sets.values()), dim)
-        check_processes(config, self.placement.group.size)
         fresh = flow is None
         flow = (
             flow if flow is not None else Flow.for_data(sets["train"], config.eval_steps, config.standardize)

@@ -46,10 +46,11 @@ CONFIG = JKOConfig(
     ter_eps=1e-9,
     refine=(2,),
     stage_iters=3,
+    finetune_iters=5,
     checkpoint_every=4,
     chunk_size=100,  # several gather rounds per push
     dtype="float64",
-)  # 2 blocks × 6 steps, refine 4 × 3: 24 steps
+)  # 2 blocks × 6 steps, refine 4 × 3, fine-tuning 5: 29 steps
 
 
 class _Stop(Exception):
@@ -161,7 +162,7 @@ HUTCHINSON = dataclasses.replace(CONFIG, block="mlp", block_options={"mlp": {"hu
 def two(data, tmp_path_factory):
     """The jobs of the tests below, run by 2 processes on gloo (one start-up)."""
     root = tmp_path_factory.mktemp("two")
-    for name in ("full", "resumed", "killed", "ctrl-c", "budget", "taken", "mlp", "faults"):
+    for name in ("full", "resumed", "killed", "killed-ft", "ctrl-c", "budget", "taken", "mlp", "faults"):
         (root / name).mkdir()
     (root / "taken" / "config.json").write_text("{}")  # a run directory rank 0 refuses
     jobs = [
@@ -169,6 +170,11 @@ def two(data, tmp_path_factory):
         {"config": CONFIG.to_dict(), "out": str(root / "resumed"), "stop_at": 15},  # checkpoint at step 12
         {"config": CONFIG.to_dict(), "out": str(root / "resumed"), "resume": True},
         {"config": CONFIG.to_dict(), "out": str(root / "killed"), "stop_at": 15},  # resumed by one process
+        {
+            "config": CONFIG.to_dict(),
+            "out": str(root / "killed-ft"),
+            "stop_at": 29,
+        },  # in the fine-tuning, after its checkpoint at step 4
         {"config": CONFIG.to_dict(), "out": str(root / "ctrl-c"), "ctrl_c_at": {1: 9}},  # on rank 1 only
         {"config": BUDGET.to_dict(), "out": str(root / "budget")},
         {"config": FAULTY.to_dict(), "out": str(root / "faults"), "faults_on": [1]},  # rank 1 only
@@ -185,7 +191,7 @@ def _ranks(out: Path) -> list[dict]:
 
 def _assert_same_run(ranks: list[dict], single) -> None:
     losses, state, history = single
-    assert len(losses) == 24
+    assert len(losses) == 29
     for got in ranks:  # every rank took the same steps and holds the same flow
         assert [r["loss"] for r in got["history"]["iterations"]] == pytest.approx(losses, rel=1e-9, abs=0)
         assert got["flow"].keys() == state.keys()
@@ -215,6 +221,15 @@ def test_one_process_resumes_a_two_process_run(two, single, data):
 
 
 @needs_gloo
+def test_one_process_resumes_a_two_process_run_stopped_in_its_fine_tuning(two, single, data):
+    state = load_state(two / "killed-ft" / "trainer.pt")
+    stage = state.history["stages"][-1]  # the checkpoint after fine-tuning step 4
+    assert stage["kind"] == "finetune" and not stage["complete"] and state.block.iter == 4
+    flow, history = train_jko(*data, checkpoint=two / "killed-ft" / "trainer.pt", resume=True)
+    _assert_same_run([{"flow": flow.state_dict(), "history": history.to_dict()}], single)
+
+
+@needs_gloo
 def test_ctrl_c_on_one_rank_stops_all_at_the_same_step(two, single, data):
     state = load_state(two / "ctrl-c" / "trainer.pt")  # written by rank 0 after rank 1's Ctrl-C
     assert len(state.history["iterations"]) == 10  # pressed after step 9's vote: both stop after step 10
@@ -239,7 +254,7 @@ def test_non_finite_steps_on_one_rank_roll_back_all_like_one_process(two, data, 
 def test_stochastic_divergence_trains_with_rank_wise_noise(two, data):
     a, b = (r["history"] for r in _ranks(two / "mlp"))
     losses = [r["loss"] for r in a["iterations"]]
-    assert len(losses) == 12 and all(map(math.isfinite, losses))
+    assert len(losses) == 17 and all(map(math.isfinite, losses))
     assert losses == [r["loss"] for r in b["iterations"]]  # the all-reduced loss, equal on both ranks
     one = train_jko(*data, config=HUTCHINSON)[1]  # other noise, the same distribution
     assert a["stages"][-1]["test_nll"] == pytest.approx(one.stages[-1]["test_nll"], abs=0.2)

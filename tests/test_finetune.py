@@ -12,7 +12,7 @@ import torch
 
 import jkoflow
 from jkoflow import InputError, JKOConfig, JKOTrainer, datasets, train_jko
-from jkoflow.finetune import JointObjective, check_processes
+from jkoflow.finetune import JointObjective
 from jkoflow.metrics import nll, step_doubling_change
 from jkoflow.placement import resolve_placement
 
@@ -112,14 +112,11 @@ def test_the_pipeline_ends_with_fine_tuning_and_resumes_in_it_exactly(data, tmp_
     assert numbers[0] == numbers[1]
 
 
-def test_fine_tuning_is_refused_where_it_cannot_run():
+def test_bad_fine_tuning_settings_are_refused():
     with pytest.raises(InputError, match="finetune_iters"):
         JKOConfig(finetune_iters=-1)
     with pytest.raises(InputError, match="finetune_lr"):
         JKOConfig(finetune_lr=0.0)
-    with pytest.raises(InputError, match="one process"):
-        check_processes(JKOConfig(finetune_iters=10), processes=2)
-    check_processes(JKOConfig(finetune_iters=0), processes=2)  # no fine-tuning: nothing to refuse
 
 
 def test_a_finished_run_is_fine_tuned_on_resume(data, tmp_path):
