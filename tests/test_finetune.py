@@ -12,7 +12,7 @@ import torch
 
 import jkoflow
 from jkoflow import InputError, JKOConfig, JKOTrainer, datasets, train_jko
-from jkoflow.finetune import JointObjective
+from jkoflow.finetune import MARGIN, JointObjective
 from jkoflow.metrics import nll, step_doubling_change
 from jkoflow.placement import resolve_placement
 
@@ -180,3 +180,14 @@ def test_a_fine_tuned_block_off_its_steps_is_evaluated_at_doubled_steps(data):
     assert record.train_steps == 2 and record.step_doublings == 0  # its training was not changed
     assert record.val_nll == pytest.approx(float(nll(trainer.flow, data[1])), abs=1e-5)  # at 16 steps
     assert record.step_doubling_change == pytest.approx(step_doubling_change(trainer.flow, data[1]), abs=2e-5)
+
+
+def test_a_block_near_the_rk4_tolerance_is_fine_tuned_at_doubled_steps(data):
+    trainer = JKOTrainer(*data, config=dataclasses.replace(CONFIG, finetune_iters=5))
+    trainer.grow()
+    first, second = trainer.history.stages[0].blocks
+    first.step_doubling_change = CONFIG.step_tol / MARGIN  # as close to the tolerance as doubles
+    second.step_doubling_change = CONFIG.step_tol / MARGIN / 2
+    stage = trainer.run_stage("finetune")
+    assert trainer.flow.steps_factors == (2, 1)
+    assert [b.train_steps for b in stage.blocks] == [4, 2] and [b.eval_steps for b in stage.blocks] == [8, 4]
