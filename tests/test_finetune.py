@@ -175,6 +175,7 @@ def test_a_fine_tuned_block_off_its_steps_is_evaluated_at_doubled_steps(data):
     trainer.grow()
     assert trainer.flow.steps_factors == (1,)
     trainer.config = dataclasses.replace(trainer.config, step_tol=1e-12)  # no block fits so tight a tolerance
+    trainer.history.stages[0].blocks[0].step_doubling_change = 0.0  # nor is it near it before (no MARGIN)
     (record,) = trainer.run_stage("finetune").blocks
     assert trainer.flow.steps_factors == (4,) and record.eval_steps == 16  # doubled twice (step_doublings)
     assert record.train_steps == 2 and record.step_doublings == 0  # its training was not changed
