@@ -252,10 +252,8 @@ class JKOTrainer:
         _refuse_after_free(history, kind)
         if open_stage is not None:
             self._close(open_stage)
-        if kind in ("extend", "free"):
-            self.first = len(self.flow)
-        if kind == "finetune":  # every block the run trained
-            self.first = history.stages[0].blocks[0].index if history.stages[0].blocks else len(self.flow)
+        if kind in ("extend", "free", "finetune"):
+            self.first = _first_of(kind, history, len(self.flow))
         name = "initial" if kind == "initial" else f"{kind} {history.count(kind) + 1}"
         stage = StageRecord(name, kind, factor=factor, rule=rule)
         history.stages.append(stage)
@@ -350,6 +348,14 @@ def _consider_gaussian(trainer: JKOTrainer) -> None:
     )
     trainer._best = gaussian
     trainer.history.selected = Selection(GAUSSIAN, 0, val, test)
+
+
+def _first_of(kind: str, history: JKOHistory, n_blocks: int) -> int:
+    """The first block a new stage of ``kind`` trains: the flow's next for
+    ``extend`` and ``free``; for ``finetune``, the first block the run trained."""
+    if kind == "finetune" and history.stages[0].blocks:
+        return history.stages[0].blocks[0].index
+    return n_blocks
 
 
 def _refuse_after_free(history: JKOHistory, kind: str) -> None:
