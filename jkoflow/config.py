@@ -117,6 +117,15 @@ def check_positive(config: Any, names: tuple[str, ...], kind: type) -> None:
             raise InputError(f"{name} must be a positive {what}, got {value!r}")
 
 
+def _check_nonnegative(config: Any, hints: dict[str, str]) -> None:
+    """Raises InputError unless every field in ``hints`` is a number ≥ 0 (the
+    hint says what 0 means)."""
+    for name, hint in hints.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise InputError(f"{name} must be a non-negative number ({hint}), got {value!r}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data of a run come from and how they are split.
@@ -435,16 +444,7 @@ class JKOConfig(TrainingConfig):
         )
         _check_count(self, counts)
         check_positive(self, ("finetune_lr",), float)
-        if not (
-            isinstance(self.gain_eps, (int, float))
-            and not isinstance(self.gain_eps, bool)
-            and self.gain_eps >= 0
-        ):
-            raise InputError(
-                f"gain_eps must be a non-negative number (0: the Ter rule alone), got {self.gain_eps!r}"
-            )
-        if not (isinstance(self.stage_lr, (int, float)) and self.stage_lr >= 0):
-            raise InputError(f"stage_lr must be a non-negative number (0: lr), got {self.stage_lr!r}")
+        _check_nonnegative(self, {"gain_eps": "0: the Ter rule alone", "stage_lr": "0: lr"})
         check_positive(self, ("patience",), int)
         if not 0 <= self.lr_final_factor <= 1:
             raise InputError(f"lr_final_factor must be in [0, 1], got {self.lr_final_factor!r}")

@@ -49,7 +49,7 @@ from .ode import integrate
 from .placement import Placement
 from .records import StageRecord
 from .samples import Pushed
-from .scheduler import block_record, fits_its_steps, run_loop, stop_if_interrupted
+from .scheduler import block_record, fits_its_steps, push_checked, run_loop, stop_if_interrupted
 from .stages import BlockPlan
 
 if TYPE_CHECKING:
@@ -151,12 +151,12 @@ def wants_finetune(config: JKOConfig, last_stage: str | None) -> bool:
 
 
 def _plateau(
-    trainer: JKOTrainer, blocks: nn.ModuleList, plan: BlockPlan, progress: BlockProgress, val: Pushed
+    trainer: JKOTrainer, tuned: nn.Module, plan: BlockPlan, progress: BlockProgress, val: Pushed
 ) -> list[Plateau]:
     """Early stopping on the whole flow's validation NLL (first
     :data:`~jkoflow.config.VALIDATION_ROWS` rows); a check is valid when every
     fine-tuned block's step-doubling change is below ``step_tol``."""
-    config, samples = trainer.config, trainer.samples
+    config = trainer.config
     if not config.val_every:
         return []
     rows = val.head(min(len(val.x), VALIDATION_ROWS))
@@ -165,12 +165,11 @@ def _plateau(
         pushed, valid = rows, True
         with torch.no_grad():
             for k in range(plan.index, len(trainer.flow)):
-                moved = samples.push(k, pushed)
-                valid = valid and abs(samples.step_doubling_change(k, pushed, moved)) < config.step_tol
-                pushed = moved
+                pushed, ok = push_checked(trainer, k, pushed)
+                valid = valid and ok
         return (*pushed.nll_with_stderr(), valid)
 
-    return [Plateau(progress, blocks, config.val_every, config.patience, plan.iters, val_nll)]
+    return [Plateau(progress, tuned, config.val_every, config.patience, plan.iters, val_nll)]
 
 
 def _push_converged(
@@ -221,11 +220,12 @@ def fit_joint(
     flow, config, first = trainer.flow, trainer.config, plan.index
     if trainer.block is None or trainer.block.index != first:  # not resumed: its factors are in the flow
         _refine_near_tolerance(trainer, first)
-    blocks = nn.ModuleList(flow.blocks[first:])
+    blocks = list(flow.blocks[first:])
     steps = [config.train_steps * f for f in flow.steps_factors[first:]]
-    blocks.requires_grad_(True)  # before DistributedDataParallel, which needs trainable parameters
+    for block in blocks:  # before DistributedDataParallel, which needs trainable parameters
+        block.requires_grad_(True)
     objective = JointObjective(
-        list(blocks),
+        blocks,
         steps,
         cached["train"].x,
         config,
@@ -234,15 +234,13 @@ def fit_joint(
         plan.iters,
         lambda: trainer.budget.batches,
     )
-    progress = run_loop(
-        trainer,
-        blocks,
-        objective,
-        plan,
-        lambda p: _plateau(trainer, blocks, plan, p, cached["val"]),
-        "fine-tuning",
-    )
-    blocks.requires_grad_(False)
+    tuned = objective.nll  # the blocks, as one module
+
+    def plateau(progress: BlockProgress) -> list[Plateau]:
+        return _plateau(trainer, tuned, plan, progress, cached["val"])
+
+    progress = run_loop(trainer, tuned, objective, plan, plateau, "fine-tuning")
+    tuned.requires_grad_(False)
     tick, pushes, measures = time.perf_counter(), [cached], []
     for k in range(first, len(flow)):
         moved, change, error = _push_converged(trainer, k, pushes[-1])

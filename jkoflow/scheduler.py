@@ -67,6 +67,7 @@ __all__ = [
     "fits_its_steps",
     "movement_spread",
     "new_block",
+    "push_checked",
     "reparametrize",
     "run_loop",
     "stop_if_interrupted",
@@ -267,13 +268,21 @@ def _plateau(
 
     def val_nll() -> tuple[float, float, bool]:
         with torch.no_grad():
-            pushed = samples.push(k, rows)
-            valid = abs(samples.step_doubling_change(k, rows, pushed)) < config.step_tol
+            pushed, valid = push_checked(trainer, k, rows)
             for later, steps in tail:
                 pushed = samples.push_block(later, pushed, steps)
             return (*pushed.nll_with_stderr(), valid)
 
     return [Plateau(progress, block, config.val_every, config.patience, plan.iters, val_nll)]
+
+
+def push_checked(trainer: JKOTrainer, k: int, rows: Pushed) -> tuple[Pushed, bool]:
+    """``rows`` pushed through block ``k`` at its own RK4 steps, and whether its
+    step-doubling change on them is below ``step_tol`` (an early-stopping
+    check's validity)."""
+    pushed = trainer.samples.push(k, rows)
+    change = trainer.samples.step_doubling_change(k, rows, pushed)
+    return pushed, abs(change) < trainer.config.step_tol
 
 
 def _tail(trainer: JKOTrainer, plan: BlockPlan) -> list[tuple[Block, int]]:

@@ -16,7 +16,7 @@ from jkoflow.finetune import MARGIN, JointObjective
 from jkoflow.metrics import nll, step_doubling_change
 from jkoflow.placement import resolve_placement
 
-from .test_trainer import _same_weights
+from .test_trainer import _same_weights, stop_and_resume
 
 CONFIG = JKOConfig(
     width=8, iters=40, batch_size=256, train_steps=2, eval_steps=4, max_blocks=2, ter_eps=1e-9,
@@ -94,16 +94,7 @@ def test_the_pipeline_ends_with_fine_tuning_and_resumes_in_it_exactly(data, tmp_
     _, history = train_jko(*data, config=config)
     assert [s.name for s in history.stages] == ["initial", "free 1", "finetune 1"]
     assert [b.index for b in history.stages[-1].blocks] == [0, 1, 2]
-    path = tmp_path / "run.pt"
-    stops = iter(range(10_000))
-
-    def stop_in_the_fine_tuning(record: dict) -> None:
-        if record["stage"] == 2 and record["iter"] == 17 and next(stops) == 0:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_jko(*data, config=config, checkpoint=path, callback=stop_in_the_fine_tuning)
-    _, resumed = train_jko(*data, checkpoint=path, resume=True)
+    resumed = stop_and_resume(data, config, tmp_path / "run.pt", stage=2, it=17)  # in the fine-tuning
     assert [r["loss"] for r in resumed.iterations] == [r["loss"] for r in history.iterations]
     assert resumed.selected == history.selected
     numbers = [

@@ -34,6 +34,20 @@ def _record(index: int, h: float, movement: float, ter: float = 0.1) -> BlockRec
     return BlockRecord(index, h, movement, ter, 3.0, 10, 1.0, 4.0, 3.0, 0)
 
 
+def stop_and_resume(data, config: JKOConfig, path: Path, stage: int, it: int) -> JKOHistory:
+    """The history of a run with checkpoint ``path`` interrupted (Ctrl-C) at step
+    ``it`` of stage ``stage`` the first time it gets there, then resumed."""
+    stops = iter(range(10_000))
+
+    def stop(record: dict) -> None:
+        if record["stage"] == stage and record["iter"] == it and next(stops) == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_jko(*data, config=config, checkpoint=path, callback=stop)
+    return train_jko(*data, checkpoint=path, resume=True)[1]
+
+
 def _same_weights(a: jkoflow.Flow, b: jkoflow.Flow) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -276,15 +290,6 @@ def test_the_pipeline_ends_with_the_free_block_and_resumes_in_it(data, tmp_path)
     _, history = train_jko(*data, config=config)
     assert [s.name for s in history.stages] == ["initial", "refine 1", "free 1"]
     assert [b.h for b in history.stages[-1].blocks] == [None]
-    path = tmp_path / "run.pt"
-    stops = iter(range(10_000))
-
-    def stop_in_the_free_block(record: dict) -> None:
-        if record["stage"] == 2 and record["iter"] == 7 and next(stops) == 0:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_jko(*data, config=config, checkpoint=path, callback=stop_in_the_free_block)
-    _, resumed = train_jko(*data, checkpoint=path, resume=True)
+    resumed = stop_and_resume(data, config, tmp_path / "run.pt", stage=2, it=7)  # in the free block
     assert [r["loss"] for r in resumed.iterations] == [r["loss"] for r in history.iterations]
     assert resumed.selected == history.selected
