@@ -255,6 +255,11 @@ class JKOHistory:
         faults: One dict per non-finite loss or gradient: ``stage``, ``block``,
             ``iter``, ``fault``, ``resumed_at``, ``lr_scale``.
         selected: The best candidate so far by validation NLL (:class:`Selection`).
+        gaussian: The Gaussian fit of the training set as a candidate (stage
+            :data:`GAUSSIAN`, its validation and test NLL), kept after a trained
+            flow replaces it: the floor a run's flow is measured against; None
+            for a run that does not start from it (a given input flow, an
+            undefined fit, or a run saved before it was recorded).
 
     Example:
         >>> import json
@@ -276,6 +281,7 @@ class JKOHistory:
     stopped_by: str = ""
     faults: list[dict[str, Any]] = field(default_factory=list)
     selected: Selection | None = None
+    gaussian: Selection | None = None
 
     @property
     def blocks(self) -> list[BlockRecord]:
@@ -309,6 +315,7 @@ class JKOHistory:
             "stopped_by": self.stopped_by,
             "faults": self.faults,
             "selected": self.selected.to_dict() if self.selected else None,
+            "gaussian": self.gaussian.to_dict() if self.gaussian else None,
         }
 
     @classmethod
@@ -321,6 +328,7 @@ class JKOHistory:
             data.get("stopped_by", ""),
             data.get("faults", []),
             Selection.from_dict(data["selected"]) if data.get("selected") else None,
+            Selection.from_dict(data["gaussian"]) if data.get("gaussian") else None,
         )
 
     def flow_blocks(self, n_blocks: int) -> list[BlockRecord]:

@@ -306,13 +306,15 @@ def step_range(figures: dict[str, Any]) -> tuple[int, int]:
 def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds: float) -> dict[str, Any]:
     """summary.json of a JKO run: test NLL (nats, constant included, at the
     flow's eval steps), blocks, batches, seconds and per-block figures of
-    ``flow``, the selected candidate (``selected``: its stage, blocks and NLLs)."""
+    ``flow``, the selected candidate (``selected``: its stage, blocks and NLLs)
+    and the Gaussian fit it is measured against (``gaussian``)."""
     records = history.selected_blocks()
     last = records[-1] if records else {}
     log_scale = -float(flow.standardize_logdet())
     summary = {
         "test_nll": last.get("test_nll", history.selected.test_nll if history.selected else None),
         "selected": history.selected.to_dict() if history.selected else None,
+        "gaussian": history.gaussian.to_dict() if history.gaussian else None,
         "n_blocks": len(flow),
         "stopped_by": history.stopped_by,
         "train_seconds": history.train_seconds,

@@ -347,7 +347,7 @@ def _consider_gaussian(trainer: JKOTrainer) -> None:
         nll(gaussian, sets[name], config.chunk_size) if name in sets else None for name in ("val", "test")
     )
     trainer._best = gaussian
-    trainer.history.selected = Selection(GAUSSIAN, 0, val, test)
+    trainer.history.selected = trainer.history.gaussian = Selection(GAUSSIAN, 0, val, test)
 
 
 def _first_of(kind: str, history: JKOHistory, n_blocks: int) -> int:

@@ -14,7 +14,7 @@ from jkoflow import Flow, JKOConfig, JKOTrainer, datasets, train_jko
 from jkoflow.checkpoint import load_state
 from jkoflow.config import DataConfig
 from jkoflow.metrics import nll
-from jkoflow.records import Selection
+from jkoflow.records import JKOHistory, Selection
 from jkoflow.run import load_data, run_jko
 from jkoflow.stages import REPARAM_RULES
 
@@ -154,6 +154,20 @@ def test_a_run_never_returns_a_flow_worse_than_the_gaussian_fit(tmp_path):
     assert summary["selected"]["stage"] == "gaussian" and summary["n_blocks"] == 0 and summary["blocks"] == []
     assert len(Flow.load(tmp_path / "run" / "flow.pt")) == 0
     assert summary["test_nll"] == pytest.approx(summary["selected"]["test_nll"])
+    assert summary["gaussian"] == summary["selected"]
+
+
+def test_the_gaussian_fit_stays_on_record_after_a_trained_flow_replaces_it(data):
+    """The floor a user compares the flow with: the Gaussian fit's validation and
+    test NLL, recorded and saved although a trained flow was selected."""
+    train, val, test = data
+    _, history = train_jko(train, val, test, config=dataclasses.replace(CONFIG, reparam_iters=0))
+    assert history.selected.stage != "gaussian" and history.gaussian.stage == "gaussian"
+    assert history.gaussian.val_nll > history.selected.val_nll
+    x, t = torch.as_tensor(train), torch.as_tensor(test)
+    fit = torch.distributions.MultivariateNormal(x.mean(0), torch.cov(x.T))
+    assert float(-fit.log_prob(t).mean()) == pytest.approx(history.gaussian.test_nll, abs=1e-4)
+    assert JKOHistory.from_dict(history.to_dict()).gaussian == history.gaussian
 
 
 def test_a_flow_not_converged_in_its_rk4_steps_is_not_a_candidate(data):
