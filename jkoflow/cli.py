@@ -377,14 +377,22 @@ def _train(args: argparse.Namespace) -> None:
         ) from None
     if not group.is_main:
         return
+    print(_train_line(args.out, summary))
+    _warn_steps(summary)
+
+
+def _train_line(out: str, summary: dict[str, Any]) -> str:
+    """The line ``jkoflow train`` ends with: blocks, how it stopped, the
+    selected stage, the test NLL with its step check and the Gaussian fit's."""
     selected = summary["selected"] or {}
     chosen = f"; selected: {selected['stage']}" if selected.get("stage") else ""
-    print(
-        f"{args.out}: {summary['n_blocks']} blocks ({summary['stopped_by']}{chosen}), "
-        f"test NLL {summary['test_nll']:.4f} nats ({_steps_note(summary, '/block')}), "
+    gaussian = (summary.get("gaussian") or {}).get("test_nll")
+    floor = f"; Gaussian fit {gaussian:.4f}" if gaussian is not None else ""
+    return (
+        f"{out}: {summary['n_blocks']} blocks ({summary['stopped_by']}{chosen}), "
+        f"test NLL {summary['test_nll']:.4f} nats ({_steps_note(summary, '/block')}{floor}), "
         f"inversion error {summary['inversion_error']:.2e}, {summary['train_seconds']:.0f} s"
     )
-    _warn_steps(summary)
 
 
 STEP_DOUBLING_TOLERANCE = 1e-3

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from jkoflow.cli import main
+from jkoflow.cli import _train_line, main
 from jkoflow.datasets import target
 from jkoflow.run import RunFiles, load_data
 
@@ -40,6 +40,12 @@ def test_train_writes_the_run_directory(run_dir):
     assert summary["eval_steps"] == 4 and summary["stopped_by"] == "max_blocks"
     assert 2.0 < summary["test_nll"] < 6.0 and summary["inversion_error"] < 1e-3
     assert summary["train_seconds"] > 0
+    assert (
+        summary["gaussian"]["stage"] == "gaussian" and summary["gaussian"]["test_nll"] > summary["test_nll"]
+    )
+    line = _train_line(str(run_dir), summary)
+    assert f"test NLL {summary['test_nll']:.4f} nats (4 RK4 steps/block" in line
+    assert line.count(f"; Gaussian fit {summary['gaussian']['test_nll']:.4f}), ") == 1
     for block in summary["blocks"]:
         assert set(block) >= {"h", "movement", "ter", "n_batches", "seconds"}
     config = json.loads((run_dir / "config.json").read_text())
