@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 TRAIN_HELP = {
-    "block": "block type, one of blocks.names()",
+    "block": "block type, one of blocks.names(), or auto: mlp in d <= 4, otflow above",
     "block_types": "block type of each block, for mixed flows; the last one repeats (default: --block)",
     "width": "hidden width m of each block",
     "depth": "ResNet layers M after the opening layer",

@@ -16,12 +16,15 @@ from blocks import Block
 from .errors import InputError
 
 __all__ = [
+    "AUTO_BLOCK",
+    "MLP_MAX_DIM",
     "RESUMABLE",
     "SEED_MAX",
     "VALIDATION_ROWS",
     "DataConfig",
     "JKOConfig",
     "TrainingConfig",
+    "auto_block_type",
     "check_positive",
     "check_types",
     "config_from_dict",
@@ -164,6 +167,32 @@ class DataConfig:
         return dataclasses.asdict(self)
 
 
+AUTO_BLOCK = "auto"
+"""The block type name a JKO run resolves from the data's dimension (:func:`auto_block_type`)."""
+AUTO_BLOCKS = ("mlp", "otflow")
+"""The block types ``"auto"`` chooses between."""
+MLP_MAX_DIM = 4
+"""Largest data dimension at which ``"auto"`` chooses the free-form ``mlp`` block."""
+
+
+def auto_block_type(dim: int) -> str:
+    """The block type of ``block="auto"`` for data of dimension ``dim``.
+
+    ``"mlp"`` (free-form velocity, exact divergence by d vector–Jacobian
+    products) for d ≤ :data:`MLP_MAX_DIM`, where a training step of it costs
+    no more than one of the OT-Flow potential, whose closed-form trace costs
+    O(m²d); ``"otflow"`` above, where the autograd divergence grows d times
+    dearer. On checkerboard and 8gaussians the ``mlp`` block leaves a third to
+    a half of the KL that the potential leaves in the same steps; in d = 8 it
+    is no better and 1.5× slower (docs/benchmarks.md, "Block types").
+
+    >>> from jkoflow.config import auto_block_type
+    >>> auto_block_type(2), auto_block_type(8)
+    ('mlp', 'otflow')
+    """
+    return AUTO_BLOCKS[0] if dim <= MLP_MAX_DIM else AUTO_BLOCKS[1]
+
+
 def _check_count(config: Any, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(config, name)
@@ -273,13 +302,13 @@ class TrainingConfig:
         """The block type names this config can build."""
         return (self.block,)
 
-    def block_type(self, k: int) -> str:
-        """The type name of block k (0-based)."""
+    def block_type(self, k: int, dim: int = 0) -> str:
+        """The type name of block k (0-based) for data of dimension ``dim``."""
         return self.block
 
     def make_block(self, dim: int, k: int = 0) -> Block:
         """A new block k (0-based) of its configured type for data of dimension ``dim``."""
-        name = self.block_type(k)
+        name = self.block_type(k, dim)
         used = self.block_types_used()
         shared = {key: value for key, value in self.block_options.items() if key not in used}
         options = {"width": self.width, "depth": self.depth, **shared, **self.block_options.get(name, {})}
@@ -298,7 +327,9 @@ class JKOConfig(TrainingConfig):
     "The scheduler and its stages").
 
     Shared settings (block, optimisation, integration steps, device) are
-    those of :class:`TrainingConfig`.
+    those of :class:`TrainingConfig`, except that ``block`` defaults to
+    ``"auto"``: the free-form ``mlp`` block in d ≤ :data:`MLP_MAX_DIM`, the
+    OT-Flow potential ``otflow`` above (:func:`auto_block_type`).
 
     Schedule: block k (k = 0, 1, …) uses h_k = min(h0·ρ^k, h_max); blocks are
     added until Ter(k) < ``ter_eps`` while the block lowered the validation
@@ -312,9 +343,11 @@ class JKOConfig(TrainingConfig):
     ``warm_start`` block k starts from the weights of block k − 1 instead.
 
     The defaults (1200 steps of batch 1024 per block) were tuned on
-    checkerboard (2 CPU cores, 1 thread): about 110 s per block, test NLL
-    3.59–3.62 nats after 2 blocks over seeds 0–3, where 400 steps of batch
-    2048 gave 3.67. More steps of smaller batches paid off per second.
+    checkerboard (2 CPU cores, 1 thread) with ``otflow`` blocks: about 110 s
+    per block, test NLL 3.59–3.62 nats after 2 blocks over seeds 0–3, where
+    400 steps of batch 2048 gave 3.67. More steps of smaller batches paid off
+    per second. With the ``mlp`` blocks ``"auto"`` picks there, the default
+    run reaches 3.547–3.563 in 199–240 s.
 
     Mixed flows: with ``block_types`` non-empty, block k is of type
     ``block_types[min(k, len(block_types) − 1)]`` (the last entry repeats) and
@@ -389,6 +422,7 @@ class JKOConfig(TrainingConfig):
     """
 
     AUTO_BATCH: ClassVar[int] = 1024
+    block: str = AUTO_BLOCK
     SAVED_DEFAULTS: ClassVar[dict[str, Any]] = {"val_every": 0, "stage_lr": 0.0, "gain_eps": 0.0}
     """Fields added after runs were saved, with the values that train as those
     runs did (no early stopping, stages at ``lr``, the Ter rule alone): what a
@@ -483,10 +517,15 @@ class JKOConfig(TrainingConfig):
         return {**cls.SAVED_DEFAULTS, **data} if isinstance(data, dict) else data
 
     def block_types_used(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.block_types)) or (self.block,)
+        names = self.block_types or (self.block,)
+        resolved = (AUTO_BLOCKS if name == AUTO_BLOCK else (name,) for name in names)
+        return tuple(dict.fromkeys(name for group in resolved for name in group))
 
-    def block_type(self, k: int) -> str:
-        return self.block_types[min(k, len(self.block_types) - 1)] if self.block_types else self.block
+    def block_type(self, k: int, dim: int = 0) -> str:
+        """The type name of block k (0-based) for data of dimension ``dim``;
+        ``"auto"`` resolves by :func:`auto_block_type`."""
+        name = self.block_types[min(k, len(self.block_types) - 1)] if self.block_types else self.block
+        return auto_block_type(dim) if name == AUTO_BLOCK else name
 
     @property
     def retrain_iters(self) -> int:

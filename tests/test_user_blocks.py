@@ -163,3 +163,26 @@ def test_cli_block_types(tmp_path, capsys):
     ]
     assert main(["train", "--data", "moons", "--out", str(tmp_path / "bad"), "--block-types", "nope"]) == 2
     assert "unknown block type 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("dim", "expected"), [(1, "mlp"), (2, "mlp"), (4, "mlp"), (5, "otflow"), (8, "otflow")]
+)
+def test_auto_block_type_follows_the_data_dimension(dim, expected):
+    config = jkoflow.JKOConfig(
+        block_options={"otflow": {"rank": 2}, "mlp": {"activation": "softplus"}}, **TINY
+    )
+    assert config.block == "auto" and config.block_types_used() == ("mlp", "otflow")
+    block = config.make_block(dim=dim)
+    assert type(block).name == expected and block.dim == dim and block.width == TINY["width"]
+    assert (block.activation if expected == "mlp" else block.rank) == ("softplus" if expected == "mlp" else 2)
+    assert config.block_type(3, dim) == expected
+    mixed = jkoflow.JKOConfig(block_types=("otflow", "auto"), **TINY)
+    assert [mixed.block_type(k, dim) for k in range(3)] == ["otflow", expected, expected]
+
+
+def test_auto_is_a_jko_default_only():
+    assert jkoflow.JKOConfig().block == "auto"
+    assert jkoflow.OTFlowConfig().block == "otflow"
+    with pytest.raises(InputError, match="unknown block type 'auto'"):
+        jkoflow.OTFlowConfig(block="auto")
