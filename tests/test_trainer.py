@@ -232,9 +232,9 @@ def test_an_old_checkpoint_resumes_like_an_uninterrupted_run(tmp_path):
     """``trainer-v1.pt`` was written by the code before the records rename
     (format version 1), killed in block 1 of "reparam 1" at step 7."""
     x = datasets.load("8gaussians", n=1500, seed=0)
-    config = JKOConfig(
+    config = JKOConfig(  # how the old code trained
         block="otflow", width=8, iters=20, batch_size=128, max_blocks=2, ter_eps=1e-9, train_steps=2,
-        eval_steps=4, checkpoint_every=5, reparam_iters=1, **JKOConfig.SAVED_DEFAULTS,  # how the old code trained
+        eval_steps=4, checkpoint_every=5, reparam_iters=1, **JKOConfig.SAVED_DEFAULTS,
     )  # fmt: skip
     state = load_state(FIXTURE)
     assert FORMAT_VERSION == 3 and state.block is not None and state.block.iter == 5
