@@ -57,7 +57,7 @@ def _time_one_dim(
 ) -> dict[str, float]:
     x = torch.randn(batch, d, generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
-    jko_block, ot_block = (blocks.make(jko.block, dim=d, width=width, depth=jko.depth) for _ in range(2))
+    jko_block, ot_block = (blocks.make(ot.block, dim=d, width=width, depth=jko.depth) for _ in range(2))
     ot_block.load_state_dict(jko_block.state_dict())
 
     def forward_integrate() -> None:
