@@ -18,7 +18,7 @@ from jkoflow.metrics import inversion_error, nll
 torch.set_num_threads(1)  # small ops on few cores run fastest single-threaded
 
 TINY = os.environ.get("JKOFLOW_EXAMPLE_TINY") == "1"  # smoke-test sizes (the numbers mean nothing)
-SIZE = {"n": 3_000, "width": 8, "iters": 5} if TINY else {"n": 60_000, "width": 32, "iters": 300}
+SIZE = {"n": 3_000, "width": 8, "iters": 20} if TINY else {"n": 60_000, "width": 32, "iters": 300}
 
 # 1. Data: a seeded toy sample, split into train / validation / test.
 x = datasets.load("8gaussians", n=SIZE["n"], seed=0)

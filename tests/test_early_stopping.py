@@ -89,7 +89,8 @@ def test_a_retrained_block_is_kept_only_where_the_whole_flow_improves(monkeypatc
     monkeypatch.setitem(REPARAM_RULES, "shrink", lambda h, s: np.full_like(h, 1e-4))
     data = datasets.load_split("8gaussians", n=2000, seed=1)
     config = JKOConfig(
-        width=8, iters=60, batch_size=128, train_steps=2, eval_steps=4, max_blocks=2, ter_eps=1e-9,
+        block="otflow", width=8, iters=60, batch_size=128, train_steps=2, eval_steps=4, max_blocks=2,
+        ter_eps=1e-9,
         reparam_iters=1, reparam_tol=1e-9, reparam_eta=1.0, h_min=1e-4, reparam_rule="shrink",
         val_every=10, patience=2, stage_lr=0.05,
     )  # fmt: skip

@@ -14,6 +14,7 @@ from jkoflow.scheduler import movement_spread, reparametrize
 from .analytic_blocks import LinearBlock
 
 TINY = {
+    "block": "otflow",
     "width": 8,
     "depth": 1,
     "iters": 20,

@@ -19,8 +19,8 @@ from .test_trainer import _same_weights
 # one train step and two eval steps per block, a large h and lr: the block
 # fits the coarse map (relative inversion error 1.1e-4 > 1e-4 at 1 train step)
 CONFIG = JKOConfig(
-    width=16, iters=40, batch_size=256, train_steps=1, eval_steps=2, max_blocks=1, ter_eps=1e-9,
-    lr=0.05, h0=10.0,
+    block="otflow", width=16, iters=40, batch_size=256, train_steps=1, eval_steps=2, max_blocks=1,
+    ter_eps=1e-9, lr=0.05, h0=10.0,
 )  # fmt: skip
 
 
