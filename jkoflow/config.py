@@ -182,8 +182,8 @@ def auto_block_type(dim: int) -> str:
     products) for d ≤ :data:`MLP_MAX_DIM`, where a training step of it costs
     no more than one of the OT-Flow potential, whose closed-form trace costs
     O(m²d); ``"otflow"`` above, where the autograd divergence grows d times
-    dearer. On checkerboard and 8gaussians the ``mlp`` block leaves a third to
-    a half of the KL that the potential leaves in the same steps; in d = 8 it
+    dearer. On checkerboard and 8gaussians the ``mlp`` block leaves 64 % and
+    29 % of the KL that the potential leaves in the same steps; in d = 8 it
     is no better and 1.5× slower (docs/benchmarks.md, "Block types").
 
     >>> from jkoflow.config import auto_block_type
