@@ -302,7 +302,7 @@ class TrainingConfig:
         """The block type names this config can build."""
         return (self.block,)
 
-    def block_type(self, k: int, dim: int = 0) -> str:
+    def block_type(self, k: int, dim: int | None = None) -> str:
         """The type name of block k (0-based) for data of dimension ``dim``."""
         return self.block
 
@@ -521,11 +521,15 @@ class JKOConfig(TrainingConfig):
         resolved = (AUTO_BLOCKS if name == AUTO_BLOCK else (name,) for name in names)
         return tuple(dict.fromkeys(name for group in resolved for name in group))
 
-    def block_type(self, k: int, dim: int = 0) -> str:
+    def block_type(self, k: int, dim: int | None = None) -> str:
         """The type name of block k (0-based) for data of dimension ``dim``;
-        ``"auto"`` resolves by :func:`auto_block_type`."""
+        ``"auto"`` resolves by :func:`auto_block_type` and needs ``dim``."""
         name = self.block_types[min(k, len(self.block_types) - 1)] if self.block_types else self.block
-        return auto_block_type(dim) if name == AUTO_BLOCK else name
+        if name != AUTO_BLOCK:
+            return name
+        if dim is None:
+            raise ValueError(f"block {k} is of type 'auto': its type depends on the data dimension dim")
+        return auto_block_type(dim)
 
     @property
     def retrain_iters(self) -> int:

@@ -177,6 +177,8 @@ def test_auto_block_type_follows_the_data_dimension(dim, expected):
     assert type(block).name == expected and block.dim == dim and block.width == TINY["width"]
     assert (block.activation if expected == "mlp" else block.rank) == ("softplus" if expected == "mlp" else 2)
     assert config.block_type(3, dim) == expected
+    with pytest.raises(ValueError, match="depends on the data dimension"):
+        config.block_type(0)
     mixed = jkoflow.JKOConfig(block_types=("otflow", "auto"), **TINY)
     assert [mixed.block_type(k, dim) for k in range(3)] == ["otflow", expected, expected]
 
