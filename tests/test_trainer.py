@@ -247,11 +247,19 @@ def test_an_old_checkpoint_resumes_like_an_uninterrupted_run(tmp_path):
     whole = JKOTrainer(x, config=config)
     run_pipeline(whole)
     reference = whole.history
-    assert _same_weights(trainer.flow, whole.flow)
+    # The fixture's first 5 steps were computed on another CPU, whose float32
+    # kernels may round differently: the same run to float32 rounding, not bit
+    # for bit (a lost optimiser state or learning-rate step moves them ≥ 1e-3).
+    sa, sb = trainer.flow.state_dict(), whole.flow.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6)
     # a version-1 file kept no candidates: the resumed run selects among those after it
     assert history.selected is not None and history.selected.stage == "reparam 1"
-    assert [r["loss"] for r in history.iterations] == [r["loss"] for r in reference.iterations]
-    assert [b.movement for b in history.stages[0].blocks] == [b.movement for b in reference.stages[0].blocks]
+    losses = [r["loss"] for r in reference.iterations]
+    assert [r["loss"] for r in history.iterations] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    moved = [b.movement for b in reference.stages[0].blocks]
+    assert [b.movement for b in history.stages[0].blocks] == pytest.approx(moved, rel=1e-5)
     assert torch.load(path, weights_only=True)["version"] == 3
 
 
