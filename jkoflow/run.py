@@ -20,6 +20,7 @@ leaves on disk and how commands read it back.
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import json
 import math
 import os
@@ -182,20 +183,26 @@ def target_kl(flow: Flow, data_name: str, x: np.ndarray) -> dict[str, Any]:
     return {"kl": result.value, "kl_stderr": result.stderr, "kl_rows": result.n}
 
 
+def _installed(distribution: str) -> str:
+    """The installed version of ``distribution``, read from its metadata without
+    importing it (importing POT alone takes seconds); ``"unknown"`` if absent."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def versions() -> dict[str, str]:
     """Versions of Python and the libraries that determine a run's numbers."""
-    import ot
-    import torchdiffeq
-
     from . import __version__
 
     return {
         "jkoflow": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchdiffeq": getattr(torchdiffeq, "__version__", "unknown"),
+        "torchdiffeq": _installed("torchdiffeq"),
         "numpy": np.__version__,
-        "pot": ot.__version__,
+        "pot": _installed("POT"),
     }
 
 

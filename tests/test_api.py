@@ -77,6 +77,18 @@ def test_the_public_api_loads_pot_scipy_matplotlib_only_when_used():
     assert not (loaded["ot"] or loaded["scipy"] or loaded["matplotlib"] or loaded["torchdiffeq"]), loaded
 
 
+def test_a_run_records_library_versions_without_importing_them():
+    import ot
+    import torchdiffeq
+
+    from jkoflow.run import versions
+
+    recorded = versions()
+    assert recorded["pot"] == ot.__version__ and recorded["torchdiffeq"] == torchdiffeq.__version__
+    # importing POT takes seconds, and a training run does not need it
+    assert not _modules_after("from jkoflow.run import versions\nversions()")["ot"]
+
+
 def test_subcommand_help_lists_the_config_options(capsys):
     from jkoflow.cli import main
 
