@@ -48,7 +48,7 @@ CONFIG = JKOConfig(
     stage_iters=3,
     finetune_iters=5,
     checkpoint_every=4,
-    chunk_size=100,  # several gather rounds per push
+    chunk_size=200,  # several gather rounds per push of the training rows
     dtype="float64",
 )  # 2 blocks × 6 steps, refine 4 × 3, fine-tuning 5: 29 steps
 

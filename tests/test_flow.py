@@ -35,7 +35,7 @@ def test_standardisation_is_part_of_the_density():
 @torch.no_grad()
 def test_density_agrees_with_sampler(flow):
     """∫_box p(x) dx by the midpoint rule equals the fraction of flow samples in the box."""
-    half, cells = 2.5, 250
+    half, cells = 2.5, 150
     centres = -half + (torch.arange(cells, dtype=torch.float64) + 0.5) * (2 * half / cells)
     xx, yy = torch.meshgrid(centres, centres, indexing="ij")
     points = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
