@@ -7,14 +7,20 @@ For a block with velocity v and divergence div v, :func:`integrate` solves
     \dot z = v(z, t), \quad \dot ℓ = \nabla\cdot v(z, t), \quad \dot L = ½‖v(z, t)‖²,
 
 and for potential blocks on request the HJB residual
-:math:`\dot R = |∂_tΦ − ½‖∇_xΦ‖²|`, from t0 to t1 with torchdiffeq's
-fixed-grid ``rk4`` (3/8 rule), ``steps`` equal steps, no adjoint. Going
-forward in time (0 → 1), ℓ(1) = log|det ∇T(x)| and L(1) is the kinetic energy
-of the path; going backward (1 → 0) gives T⁻¹.
+:math:`\dot R = |∂_tΦ − ½‖∇_xΦ‖²|`, from t0 to t1 in ``steps`` equal steps of
+the classical Runge–Kutta method in its 3/8 form (:func:`rk4_step`, the
+scheme of torchdiffeq's fixed-grid ``rk4``), no adjoint. Going forward in
+time (0 → 1), ℓ(1) = log|det ∇T(x)| and L(1) is the kinetic energy of the
+path; going backward (1 → 0) gives T⁻¹.
+
+Only z enters the right-hand side; ℓ, L and R are running integrals. One step
+is a plain function of tensors (times included), so that a trainer can hand
+:func:`integrate` a compiled copy of it (:mod:`jkoflow.compiling`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -22,7 +28,10 @@ from torch import Tensor
 
 from blocks import Block, PotentialBlock
 
-__all__ = ["ODEResult", "integrate"]
+__all__ = ["ODEResult", "Stepper", "integrate", "rk4_step"]
+
+Stepper = Callable[[Block, Tensor, Tensor, Tensor, bool], tuple[Tensor, ...]]
+"""The signature of :func:`rk4_step` (and of a compiled copy of it)."""
 
 
 class ODEResult(NamedTuple):
@@ -48,25 +57,45 @@ class ODEResult(NamedTuple):
     hjb: Tensor | None = None
 
 
-class _Augmented(torch.nn.Module):
-    """Right-hand side of the augmented ODE (z, ℓ, L) for torchdiffeq."""
-
-    def __init__(self, block: Block) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        v, div = self.block(state[0], t)
+def _rates(block: Block, z: Tensor, t: Tensor, hjb: bool) -> tuple[Tensor, ...]:
+    """Right-hand side (v, div v, ½‖v‖²[, |∂tΦ − ½‖∇Φ‖²|]) of the augmented ODE."""
+    if not hjb:
+        v, div = block(z, t)
         return v, div, 0.5 * v.pow(2).sum(1)
+    grad_x, dphi_dt, laplacian = block.derivatives(z, t)  # type: ignore[attr-defined]
+    speed2 = grad_x.pow(2).sum(1)
+    return -grad_x, -laplacian, 0.5 * speed2, (dphi_dt - 0.5 * speed2).abs()
 
 
-class _AugmentedHJB(_Augmented):
-    """(z, ℓ, L, R) for a potential block: R accumulates the HJB residual."""
+def rk4_step(block: Block, z: Tensor, t: Tensor, dt: Tensor, hjb: bool = False) -> tuple[Tensor, ...]:
+    r"""The increments of (z, ℓ, L[, R]) over one RK4 step from t to t + dt (3/8 rule):
 
-    def forward(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        grad_x, dphi_dt, laplacian = self.block.derivatives(state[0], t)
-        speed2 = grad_x.pow(2).sum(1)
-        return -grad_x, -laplacian, 0.5 * speed2, (dphi_dt - 0.5 * speed2).abs()
+    .. math::
+        k_1 = f(t, z),\quad k_2 = f(t + \tfrac{h}{3}, z + \tfrac{h}{3} k_1),\quad
+        k_3 = f(t + \tfrac{2h}{3}, z + h(k_2 − \tfrac13 k_1)),\quad
+        k_4 = f(t + h, z + h(k_1 − k_2 + k_3)),\quad
+        Δ = \tfrac{h}{8}(k_1 + 3k_2 + 3k_3 + k_4),
+
+    with f the augmented right-hand side; only its z part feeds the stages.
+    ``t`` and ``dt`` are 0-d tensors (a compiled copy then serves every step).
+
+    Example:
+        >>> import torch, blocks
+        >>> from jkoflow.ode import rk4_step
+        >>> blk = blocks.make("otflow", dim=2, width=8)
+        >>> dz, dlogdet, dkinetic = rk4_step(blk, torch.randn(3, 2), torch.tensor(0.0), torch.tensor(0.5))
+        >>> dz.shape, dlogdet.shape, dkinetic.shape
+        (torch.Size([3, 2]), torch.Size([3]), torch.Size([3]))
+
+    References:
+        | Beitrag zur näherungsweisen Integration totaler Differentialgleichungen (Kutta, 1901)
+    """
+    third = 1.0 / 3.0
+    k1 = _rates(block, z, t, hjb)
+    k2 = _rates(block, z + dt * k1[0] * third, t + dt * third, hjb)
+    k3 = _rates(block, z + dt * (k2[0] - k1[0] * third), t + dt * (2 * third), hjb)
+    k4 = _rates(block, z + dt * (k1[0] - k2[0] + k3[0]), t + dt, hjb)
+    return tuple((a + 3 * (b + c) + e) * (dt * 0.125) for a, b, c, e in zip(k1, k2, k3, k4, strict=True))
 
 
 def integrate(
@@ -76,6 +105,7 @@ def integrate(
     t0: float = 0.0,
     t1: float = 1.0,
     hjb: bool = False,
+    stepper: Stepper = rk4_step,
 ) -> ODEResult:
     """Integrates ``block`` from ``t0`` to ``t1`` in ``steps`` RK4 steps.
 
@@ -85,6 +115,7 @@ def integrate(
         steps: Number of equal RK4 steps (≥ 1).
         t0, t1: Start and end time; ``t1 < t0`` integrates backward.
         hjb: Also integrate the HJB residual (potential blocks only).
+        stepper: The step function, :func:`rk4_step` or a compiled copy of it.
 
     Returns:
         :class:`ODEResult` with z(t1), ∫div v, ∫½‖v‖² (and ∫HJB) over [t0, t1].
@@ -106,16 +137,14 @@ def integrate(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    from torchdiffeq import odeint  # imported here: it pulls in scipy, which `import jkoflow` does not need
-
+    if hjb and not isinstance(block, PotentialBlock):
+        raise ValueError(
+            f"the HJB term needs a potential block (∂tΦ); block type {type(block).name!r} has none"
+        )
     zeros = x.new_zeros(x.shape[0])
+    state: tuple[Tensor, ...] = (x, zeros, zeros, zeros) if hjb else (x, zeros, zeros)
     grid = torch.linspace(t0, t1, steps + 1, dtype=x.dtype, device=x.device)
-    if hjb:
-        if not isinstance(block, PotentialBlock):
-            raise ValueError(
-                f"the HJB term needs a potential block (∂tΦ); block type {type(block).name!r} has none"
-            )
-        out = odeint(_AugmentedHJB(block), (x, zeros, zeros, zeros), grid, method="rk4")
-    else:
-        out = odeint(_Augmented(block), (x, zeros, zeros), grid, method="rk4")
-    return ODEResult(*(part[-1] for part in out))
+    for i in range(steps):
+        increments = stepper(block, state[0], grid[i], grid[i + 1] - grid[i], hjb)
+        state = tuple(s + ds for s, ds in zip(state, increments, strict=True))
+    return ODEResult(*state)
