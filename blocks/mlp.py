@@ -167,7 +167,9 @@ class MLPBlock(Block):
         for layer in linears[1:-1]:
             a = torch.addmm(layer.bias, u, layer.weight.T)
             u = act(a)
-            jac = slope(a, u).unsqueeze(1) * (jac @ layer.weight.T)
+            # one (n·d × m)(m × m) GEMM, folded by hand: whether torch.matmul folds a 3-d @ 2-d
+            # product depends on the weight's requires_grad, and the two paths round apart
+            jac = slope(a, u).unsqueeze(1) * (jac.flatten(0, 1) @ layer.weight.T).view_as(jac)
         last = linears[-1]
         v = torch.addmm(last.bias, u, last.weight.T)
         return v, (jac * last.weight).sum((1, 2))
