@@ -57,7 +57,8 @@ def _time_one_dim(
 ) -> dict[str, float]:
     x = torch.randn(batch, d, generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
-    jko_block, ot_block = (blocks.make(ot.block, dim=d, width=width, depth=jko.depth) for _ in range(2))
+    depth = jko.depth_for(ot.block)
+    jko_block, ot_block = (blocks.make(ot.block, dim=d, width=width, depth=depth) for _ in range(2))
     ot_block.load_state_dict(jko_block.state_dict())
 
     def forward_integrate() -> None:
@@ -91,7 +92,8 @@ def run(
     jko, ot = JKOConfig(), OTFlowConfig()
     width = width or jko.width
     batch = batch or BATCH
-    table = Table("step", f"(b) one training step, width {width}, depth {jko.depth}, batch {batch}", COLUMNS)
+    depth = jko.depth_for(ot.block)
+    table = Table("step", f"(b) one training step, width {width}, depth {depth}, batch {batch}", COLUMNS)
     for d in dims:
         seconds = _time_one_dim(d, width, batch, repeats, seed, jko, ot)
         overhead = seconds["integrate"] / seconds["block"] - 1.0

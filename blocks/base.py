@@ -77,6 +77,10 @@ class Block(nn.Module, abc.ABC):
 
     name: ClassVar[str] = ""
     dim: int
+    compilable: bool = False
+    """Whether ``forward`` is plain tensor algebra that :func:`torch.compile`
+    can trace whole (no ``torch.autograd.grad`` inside), so that a trainer may
+    compile its RK4 step (:mod:`jkoflow.compiling`). Off unless a type says so."""
 
     @abc.abstractmethod
     def forward(self, z: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:

@@ -60,6 +60,7 @@ class TimeSlice(Block):
             raise ValueError(f"timeslice: index must be an integer in [0, {count}), got {index!r}")
         self.dim, self.index, self.count = dim, index, count
         self.parent = parent
+        self.compilable = parent.compilable
 
     def forward(self, z: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
         v, div = self.parent(z, (self.index + t) / self.count)

@@ -35,7 +35,7 @@ TRAIN_HELP = {
     "block": "block type, one of blocks.names(), or auto: mlp in d <= 4, otflow above",
     "block_types": "block type of each block, for mixed flows; the last one repeats (default: --block)",
     "width": "hidden width m of each block",
-    "depth": "ResNet layers M after the opening layer",
+    "depth": "hidden m x m layers M after the opening layer (0: by block type, mlp 2, otflow 1)",
     "h0": "JKO step size of the first block",
     "rho": "growth factor: h_k = min(h0 * rho^k, h_max)",
     "h_max": "largest step size",
@@ -71,6 +71,7 @@ TRAIN_HELP = {
     "standardize": "standardise the data (NLL is still reported in data space)",
     "chunk_size": "rows per chunk when pushing and evaluating",
     "cache_device": "where cached pushed samples live: auto (device if they fit), device, host",
+    "compile": "torch.compile the training RK4 step: auto (mlp blocks, --iters >= 300), on, off",
     "device": "torch device: cpu, cuda, cuda:N (with torchrun, cuda means cuda:LOCAL_RANK)",
     "dtype": "float32 or float64",
 }
@@ -98,6 +99,7 @@ OTFLOW_HELP = {
     "eval_steps": "RK4 steps for validation, NLL and sampling (preset per toy)",
     "standardize": "standardise the data (NLL is still reported in data space)",
     "chunk_size": "rows per chunk when evaluating",
+    "compile": "torch.compile the training RK4 step: auto (mlp blocks, --iters >= 300), on, off",
     "device": "torch device: cpu, cuda, cuda:N",
     "dtype": "float32 or float64",
 }
@@ -117,6 +119,7 @@ def _data_choices() -> str:
 
 def _choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the config options that take a name."""
+    from .compiling import COMPILE_MODES
     from .config import CACHE_POLICIES, DTYPES
 
     return {
@@ -124,6 +127,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "reparam_rule": ("ratio", "arclength"),
         "dtype": tuple(DTYPES),
         "cache_device": CACHE_POLICIES,
+        "compile": COMPILE_MODES,
     }
 
 

@@ -17,6 +17,7 @@ from .errors import InputError
 
 __all__ = [
     "AUTO_BLOCK",
+    "DEFAULT_DEPTHS",
     "MLP_MAX_DIM",
     "RESUMABLE",
     "SEED_MAX",
@@ -178,19 +179,32 @@ MLP_MAX_DIM = 4
 def auto_block_type(dim: int) -> str:
     """The block type of ``block="auto"`` for data of dimension ``dim``.
 
-    ``"mlp"`` (free-form velocity, exact divergence by d vector–Jacobian
-    products) for d ≤ :data:`MLP_MAX_DIM`, where a training step of it costs
-    no more than one of the OT-Flow potential, whose closed-form trace costs
-    O(m²d); ``"otflow"`` above, where the autograd divergence grows d times
-    dearer. On checkerboard and 8gaussians the ``mlp`` block leaves 64 % and
-    29 % of the KL that the potential leaves in the same steps; in d = 8 it
-    is no better and 1.5× slower (docs/benchmarks.md, "Block types").
+    ``"mlp"`` (free-form velocity, exact divergence in closed form, a
+    compiled training step) for d ≤ :data:`MLP_MAX_DIM`, ``"otflow"`` (the
+    OT-Flow potential) above. On checkerboard and 8gaussians the ``mlp``
+    block leaves 64 % and 29 % of the KL that the potential leaves in the same
+    steps. In d = 8 (gmm) it was no better when its divergence took d autograd
+    passes; with the closed form and a compiled step a depth-1 ``mlp`` step
+    costs about half an ``otflow`` step there (35 against 65 ms, batch 1024,
+    1 thread) for the same NLL on seed 0, and a depth-2 one as much as
+    ``otflow``; at d = 43 the depth-2 ``mlp`` step is 1.45× dearer. The
+    threshold was set by the measurements with the autograd divergence and
+    not moved (docs/benchmarks.md, "Block types").
 
     >>> from jkoflow.config import auto_block_type
     >>> auto_block_type(2), auto_block_type(8)
     ('mlp', 'otflow')
     """
     return AUTO_BLOCKS[0] if dim <= MLP_MAX_DIM else AUTO_BLOCKS[1]
+
+
+DEFAULT_DEPTHS = {"mlp": 2, "otflow": 1}
+"""The depth M of a block of each type when a config says ``depth=0`` (the
+JKO trainer's default); a type not listed gets 1. Two hidden m×m layers for
+the ``mlp`` block: its compiled training step leaves room for the second in
+the time one eager layer took, and on checkerboard it leaves 0.03 nats less
+KL (docs/benchmarks.md, "Block types"). One for ``otflow``, OT-Flow's own
+ResNet depth."""
 
 
 def _check_count(config: Any, names: tuple[str, ...]) -> None:
@@ -206,7 +220,8 @@ class TrainingConfig:
 
     ``block`` names a registered block type, built with
     ``blocks.make(block, dim=d, width=width, depth=depth, **block_options)``
-    (:meth:`make_block`; a ``block_options`` entry keyed by a block type this
+    (:meth:`make_block`; ``depth=0`` takes the type's entry of
+    :data:`DEFAULT_DEPTHS`; a ``block_options`` entry keyed by a block type this
     config uses holds options for that type only, e.g. ``{"mlp": {"activation":
     "softplus"}}``, and may override ``width`` and ``depth``);
     ``iters`` Adam steps with mini-batches of ``batch_size`` (0: automatic,
@@ -214,6 +229,14 @@ class TrainingConfig:
     learning rate ``lr``; ``train_steps`` RK4 steps per block in training and
     ``eval_steps`` for evaluation and sampling; training stops after
     ``max_seconds`` of optimisation (0: no limit).
+
+    Compilation (:mod:`jkoflow.compiling`): ``compile="auto"`` trains
+    compilable blocks (``mlp``) with a :func:`torch.compile`-d RK4 step when
+    ``iters`` ≥ :data:`~jkoflow.compiling.COMPILE_MIN_ITERS` and
+    ``max_seconds`` is 0 or at least
+    :data:`~jkoflow.compiling.COMPILE_MIN_SECONDS` (about 2× faster steps on
+    a CPU for a one-off cost of 3–20 s), ``"on"`` always, ``"off"`` never;
+    the numbers agree to rounding.
 
     Reliability (:mod:`jkoflow.loop`): with a checkpoint file the trainer's
     state is written every ``checkpoint_every`` Adam steps (0: only at block
@@ -247,6 +270,7 @@ class TrainingConfig:
     chunk_size: int = 16384
     device: str = "cpu"
     dtype: str = "float32"
+    compile: str = "auto"
     checkpoint_every: int = 100
     nan_retries: int = 3
     nan_lr_factor: float = 0.5
@@ -257,7 +281,8 @@ class TrainingConfig:
         _check_count(self, ("checkpoint_every", "nan_retries", "batch_size"))
         if not (isinstance(self.nan_lr_factor, (int, float)) and 0 < self.nan_lr_factor < 1):
             raise InputError(f"nan_lr_factor must be in (0, 1), got {self.nan_lr_factor!r}")
-        check_positive(self, ("width", "depth", "iters", "train_steps", "eval_steps", "chunk_size"), int)
+        check_positive(self, ("width", "iters", "train_steps", "eval_steps", "chunk_size"), int)
+        _check_count(self, ("depth",))
         check_seed(self.seed)
         if self.train_steps > self.eval_steps:
             raise InputError(
@@ -276,6 +301,10 @@ class TrainingConfig:
                 raise InputError(f"block_options[{name!r}] must be a dict of options for {name!r} blocks")
         resolve_dtype(self.dtype)
         parse_device(self.device)
+        from .compiling import COMPILE_MODES  # jkoflow.compiling imports blocks and the integrator only
+
+        if self.compile not in COMPILE_MODES:
+            raise InputError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
 
     def batch_for(self, rows: int, processes: int = 1) -> int:
         """The mini-batch size on a training set of ``rows`` rows: ``batch_size``,
@@ -306,12 +335,27 @@ class TrainingConfig:
         """The type name of block k (0-based) for data of dimension ``dim``."""
         return self.block
 
+    def depth_for(self, name: str) -> int:
+        """The depth M of a block of type ``name``: ``depth``, or with ``depth=0``
+        the type's entry of :data:`DEFAULT_DEPTHS` (1 for a type not listed).
+
+        >>> from jkoflow import JKOConfig
+        >>> JKOConfig().depth_for("mlp"), JKOConfig().depth_for("otflow"), JKOConfig(depth=3).depth_for("mlp")
+        (2, 1, 3)
+        """
+        return self.depth or DEFAULT_DEPTHS.get(name, 1)
+
     def make_block(self, dim: int, k: int = 0) -> Block:
         """A new block k (0-based) of its configured type for data of dimension ``dim``."""
         name = self.block_type(k, dim)
         used = self.block_types_used()
         shared = {key: value for key, value in self.block_options.items() if key not in used}
-        options = {"width": self.width, "depth": self.depth, **shared, **self.block_options.get(name, {})}
+        options = {
+            "width": self.width,
+            "depth": self.depth_for(name),
+            **shared,
+            **self.block_options.get(name, {}),
+        }
         try:
             return blocks.make(name, **options, dim=dim)
         except (TypeError, ValueError) as error:
@@ -329,7 +373,9 @@ class JKOConfig(TrainingConfig):
     Shared settings (block, optimisation, integration steps, device) are
     those of :class:`TrainingConfig`, except that ``block`` defaults to
     ``"auto"``: the free-form ``mlp`` block in d ≤ :data:`MLP_MAX_DIM`, the
-    OT-Flow potential ``otflow`` above (:func:`auto_block_type`).
+    OT-Flow potential ``otflow`` above (:func:`auto_block_type`), and
+    ``depth`` to 0: each type's depth in :data:`DEFAULT_DEPTHS` (``mlp`` 2,
+    ``otflow`` 1).
 
     Schedule: block k (k = 0, 1, …) uses h_k = min(h0·ρ^k, h_max); blocks are
     added until Ter(k) < ``ter_eps`` while the block lowered the validation
@@ -423,6 +469,7 @@ class JKOConfig(TrainingConfig):
 
     AUTO_BATCH: ClassVar[int] = 1024
     block: str = AUTO_BLOCK
+    depth: int = 0
     SAVED_DEFAULTS: ClassVar[dict[str, Any]] = {"val_every": 0, "stage_lr": 0.0, "gain_eps": 0.0}
     """Fields added after runs were saved, with the values that train as those
     runs did (no early stopping, stages at ``lr``, the Ter rule alone): what a
@@ -551,21 +598,28 @@ RESUMABLE = (
     "lr",
     "chunk_size",
     "cache_device",
+    "compile",
     "finetune_iters",
     "finetune_lr",
 )
 """JKOConfig fields a resumed run may change: budgets, checkpointing, fault
 handling, the learning rate (e.g. after a run stopped on non-finite losses),
 where the cached samples live, ``max_blocks`` (to add blocks to a finished
-flow) and the fine-tuning (to fine-tune a finished flow)."""
+flow) the fine-tuning (to fine-tune a finished flow) and whether the RK4 step is
+compiled (the numbers agree to rounding)."""
 
 
 def resume_config(saved: JKOConfig, given: JKOConfig) -> JKOConfig:
     """``given`` if it differs from the config of a checkpoint (``saved``) only in
-    :data:`RESUMABLE` fields; InputError otherwise."""
+    :data:`RESUMABLE` fields, or in a ``depth`` that builds the same blocks
+    (0 and the types' :data:`DEFAULT_DEPTHS`); InputError otherwise."""
     changed = [
         f.name for f in dataclasses.fields(type(saved)) if getattr(saved, f.name) != getattr(given, f.name)
     ]
+    if "depth" in changed and all(  # depth 0 and the type's depth build the same blocks
+        saved.depth_for(name) == given.depth_for(name) for name in saved.block_types_used()
+    ):
+        changed.remove("depth")
     fixed = [name for name in changed if name not in RESUMABLE]
     if fixed:
         raise InputError(

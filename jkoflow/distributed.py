@@ -32,6 +32,7 @@ from blocks import Block
 
 from .errors import InputError
 from .objectives import Transport, jko_loss
+from .ode import Stepper, rk4_step
 
 __all__ = ["Group", "JKOObjective", "current", "data_parallel", "launched", "world_from_env"]
 
@@ -207,7 +208,7 @@ class JKOObjective(nn.Module):
     (:func:`~jkoflow.objectives.jko_loss` calls the block several times).
 
     ``forward(x, h, steps, transport, weight)`` returns ``weight·(loss, kl,
-    transport)``, shape (3,).
+    transport)``, shape (3,), integrated by ``stepper``.
 
     Example:
         >>> import torch, blocks
@@ -217,12 +218,12 @@ class JKOObjective(nn.Module):
         torch.Size([3])
     """
 
-    def __init__(self, block: Block) -> None:
+    def __init__(self, block: Block, stepper: Stepper = rk4_step) -> None:
         super().__init__()
-        self.block = block
+        self.block, self.stepper = block, stepper
 
     def forward(self, x: Tensor, h: float | None, steps: int, transport: Transport, weight: float) -> Tensor:
-        terms = jko_loss(self.block, x, h, steps, transport)
+        terms = jko_loss(self.block, x, h, steps, transport, self.stepper)
         return torch.stack(tuple(terms)) * weight
 
 

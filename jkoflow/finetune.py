@@ -42,14 +42,15 @@ from blocks import Block
 
 from . import distributed
 from .checkpoint import BlockProgress
+from .compiling import training_stepper
 from .config import VALIDATION_ROWS, JKOConfig
 from .loop import Plateau
 from .objectives import gaussian_log_prob
-from .ode import integrate
+from .ode import Stepper, integrate, rk4_step
 from .placement import Placement
 from .records import StageRecord
 from .samples import Pushed
-from .scheduler import block_record, fits_its_steps, push_checked, run_loop, stop_if_interrupted
+from .scheduler import block_record, fits_its_steps, push_checked, push_rest, run_loop, stop_if_interrupted
 from .stages import BlockPlan
 
 if TYPE_CHECKING:
@@ -62,8 +63,8 @@ class JointNLL(nn.Module):
     """The NLL of a batch through ``blocks`` in order as one module call, so
     that DistributedDataParallel sees one forward and one backward per step.
 
-    ``forward(x, steps, weight)``: x (n, d), block j at ``steps[j]`` RK4 steps;
-    returns weight·mean(−log N(T(x); 0, I) − Σ_j ℓ_j(x)), a scalar.
+    ``forward(x, steps, weight)``: x (n, d), block j at ``steps[j]`` RK4 steps
+    (by ``stepper``); returns weight·mean(−log N(T(x); 0, I) − Σ_j ℓ_j(x)), a scalar.
 
     Example:
         >>> import blocks
@@ -74,14 +75,14 @@ class JointNLL(nn.Module):
         True
     """
 
-    def __init__(self, blocks: list[Block]) -> None:
+    def __init__(self, blocks: list[Block], stepper: Stepper = rk4_step) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks, self.stepper = nn.ModuleList(blocks), stepper
 
     def forward(self, x: Tensor, steps: list[int], weight: float) -> Tensor:
         z, logdet = x, x.new_zeros(len(x))
         for block, n in zip(self.blocks, steps, strict=True):
-            out = integrate(block, z, n)
+            out = integrate(block, z, n, stepper=self.stepper)
             z, logdet = out.z, logdet + out.logdet
         return -(gaussian_log_prob(z) + logdet).mean() * weight
 
@@ -119,7 +120,10 @@ class JointObjective:
         self.steps, self.x, self.iters, self.step = steps, x, iters, step  # step: mini-batches so far
         self.config, self.generator, self.placement = config, generator, placement
         self.batch = config.batch_for(len(x))
-        self.nll = JointNLL(blocks)
+        compilable = all(block.compilable for block in blocks)
+        mode = config.compile if compilable else "off"
+        stepper = training_stepper(blocks[0], mode, config.iters, config.max_seconds)
+        self.nll = JointNLL(blocks, stepper)
         self.parallel = distributed.data_parallel(self.nll, placement.group, placement.device, self.nll)
 
     def lr(self, it: int, scale: float) -> float:
@@ -184,10 +188,10 @@ def _push_converged(
     for doubling in range(trainer.config.step_doublings + 1):
         if doubling:
             flow.set_steps_factor(k, 2 * flow.steps_factors[k])
-        moved, change, error, fits = fits_its_steps(trainer, k, cached)
+        val, change, error, fits = fits_its_steps(trainer, k, cached)
         if fits:
             break
-    return moved, change, error
+    return push_rest(trainer, k, cached, val), change, error
 
 
 MARGIN = 4

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from blocks import Block
 
-from .ode import integrate
+from .ode import Stepper, integrate, rk4_step
 
 __all__ = ["JKOLoss", "OTFlowLoss", "Transport", "gaussian_log_prob", "jko_loss", "otflow_loss"]
 
@@ -58,12 +58,20 @@ def gaussian_log_prob(z: Tensor) -> Tensor:
     return -0.5 * z.pow(2).sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
 
 
-def jko_loss(block: Block, x: Tensor, h: float | None, steps: int, transport: Transport = "path") -> JKOLoss:
+def jko_loss(
+    block: Block,
+    x: Tensor,
+    h: float | None,
+    steps: int,
+    transport: Transport = "path",
+    stepper: Stepper = rk4_step,
+) -> JKOLoss:
     r"""The JKO step objective J_k on a batch ``x`` (n, d) with step size ``h``,
 
     .. math:: J_k = E\big[½‖T_k(x)‖² − ℓ_k(x)\big] + \frac{1}{h} E[C_k(x)],
 
-    integrated with ``steps`` RK4 steps; ``transport`` chooses C_k (``"path"``:
+    integrated with ``steps`` RK4 steps (``stepper``: :func:`~jkoflow.ode.rk4_step`
+    or a compiled copy, :mod:`jkoflow.compiling`); ``transport`` chooses C_k (``"path"``:
     ∫½‖v‖² dt, ``"endpoint"``: ½‖T_k(x) − x‖²). ``h=None`` (h → ∞) drops the
     transport term: the *free block* of JKO-iFlow, trained on the KL alone
     (the cost is still returned). Returns :class:`JKOLoss` (scalars).
@@ -75,7 +83,7 @@ def jko_loss(block: Block, x: Tensor, h: float | None, steps: int, transport: Tr
         | Normalizing flow neural networks by JKO scheme (Xu et al., 2023)
         | https://arxiv.org/abs/2212.14424
     """
-    out = integrate(block, x, steps)
+    out = integrate(block, x, steps, stepper=stepper)
     z = out.z
     kl = (0.5 * z.pow(2).sum(1) - out.logdet).mean()
     if transport == "path":
@@ -110,19 +118,21 @@ class OTFlowLoss(NamedTuple):
     hjb: Tensor
 
 
-def otflow_loss(block: Block, x: Tensor, steps: int, alpha_c: float, alpha_r: float) -> OTFlowLoss:
+def otflow_loss(
+    block: Block, x: Tensor, steps: int, alpha_c: float, alpha_r: float, stepper: Stepper = rk4_step
+) -> OTFlowLoss:
     r"""The OT-Flow objective on a batch ``x`` (n, d),
 
     .. math:: J = α_C\,E\big[−\log p(x)\big] + E[L(1)] + α_R\,E[R(1)],
 
-    integrated with ``steps`` RK4 steps; α_R > 0 needs a potential block (it
+    integrated with ``steps`` RK4 steps by ``stepper``; α_R > 0 needs a potential block (it
     integrates the HJB residual R). Returns :class:`OTFlowLoss` (scalars).
 
     References:
         | OT-Flow: Fast and Accurate Continuous Normalizing Flows via Optimal Transport (Onken et al., 2021)
         | https://arxiv.org/abs/2006.00104
     """
-    out = integrate(block, x, steps, hjb=alpha_r > 0)
+    out = integrate(block, x, steps, hjb=alpha_r > 0, stepper=stepper)
     nll = -(gaussian_log_prob(out.z) + out.logdet).mean()
     transport = out.kinetic.mean()
     hjb = out.hjb.mean() if out.hjb is not None else transport.new_zeros(())

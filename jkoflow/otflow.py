@@ -32,6 +32,7 @@ from torch import Tensor
 import blocks
 
 from .checkpoint import BlockProgress, TrainerState, data_fingerprint, load_state, save_state
+from .compiling import training_stepper
 from .config import TrainingConfig, check_positive, config_from_dict, resume_config
 from .errors import InputError, TrainingError
 from .flow import Flow, as_data_tensor
@@ -239,6 +240,7 @@ class _OTFlowObjective:
             generator,
             validation,
         )
+        self.stepper = training_stepper(block, config.compile, config.iters, config.max_seconds)
 
     def lr(self, it: int, scale: float) -> float:
         return self.validation.state["lr"] * scale
@@ -248,7 +250,9 @@ class _OTFlowObjective:
         self.block.train()
         batch = config.batch_for(len(self.x))
         index = torch.randint(len(self.x), (batch,), generator=self.generator).to(self.x.device)
-        terms = otflow_loss(self.block, self.x[index], config.train_steps, config.alpha_c, config.alpha_r)
+        terms = otflow_loss(
+            self.block, self.x[index], config.train_steps, config.alpha_c, config.alpha_r, self.stepper
+        )
         return terms.loss, terms._asdict()
 
 

@@ -35,12 +35,14 @@ from blocks import Block, time_slices
 
 from . import distributed
 from .checkpoint import BlockProgress
+from .compiling import training_stepper
 from .config import VALIDATION_ROWS, JKOConfig
 from .errors import TrainingError
 from .loop import (
     FAULTS,
     Bar,
     Checkpoints,
+    Hook,
     Objective,
     Plateau,
     Records,
@@ -60,14 +62,18 @@ if TYPE_CHECKING:
     from .trainer import JKOTrainer
 
 __all__ = [
+    "IdleBlock",
     "JKOHistory",
     "block_record",
     "consider",
     "fit_block",
     "fits_its_steps",
+    "idle_gain",
     "movement_spread",
     "new_block",
     "push_checked",
+    "push_rest",
+    "relative_movement",
     "reparametrize",
     "run_loop",
     "stop_if_interrupted",
@@ -95,7 +101,9 @@ class JKOObjective:
         self.config, self.generator, self.placement = config, generator, placement
         self.batch = config.batch_for(len(x))
         self.step = step  # mini-batches taken so far (seeds the ranks' noise)
-        self.parallel = distributed.data_parallel(block, placement.group, placement.device)
+        self.stepper = training_stepper(block, config.compile, config.iters, config.max_seconds)
+        objective = distributed.JKOObjective(block, self.stepper)
+        self.parallel = distributed.data_parallel(block, placement.group, placement.device, objective)
 
     def lr(self, it: int, scale: float) -> float:
         """scale·(lr_f + (lr − lr_f)(1 + cos(π·it/iters))/2), lr_f = lr·lr_final_factor,
@@ -109,7 +117,7 @@ class JKOObjective:
         index = torch.randint(len(x), (self.batch,), generator=self.generator)
         if self.parallel is None:
             batch = self.placement.compute(x[index.to(x.device)])
-            terms = jko_loss(self.block, batch, self.h, self.train_steps, config.transport)  # type: ignore[arg-type]
+            terms = jko_loss(self.block, batch, self.h, self.train_steps, config.transport, self.stepper)  # type: ignore[arg-type]
             return terms.loss, terms._asdict()
         group = self.placement.group
         start, stop = group.shard(len(index))
@@ -177,11 +185,12 @@ def _rollback(
 
 
 def _optimize_block(
-    trainer: JKOTrainer, block: Block, plan: BlockPlan, cached: dict[str, Pushed]
+    trainer: JKOTrainer, block: Block, plan: BlockPlan, cached: dict[str, Pushed], judged: bool = False
 ) -> BlockProgress:
     """Adam steps on the JKO loss of block ``plan.index`` (training samples
     ``cached["train"]``) on :func:`run_loop`, with early stopping on the
-    validation NLL of ``cached["val"]`` (:func:`_plateau`)."""
+    validation NLL of ``cached["val"]`` (:func:`_plateau`; with ``judged``
+    also :class:`IdleBlock`)."""
     objective = JKOObjective(
         block,
         plan,
@@ -192,8 +201,8 @@ def _optimize_block(
         lambda: trainer.budget.batches,
     )
 
-    def plateau(progress: BlockProgress) -> list[Plateau]:
-        return _plateau(trainer, block, plan, progress, cached["val"])
+    def plateau(progress: BlockProgress) -> list[Hook]:
+        return _plateau(trainer, block, plan, progress, cached["val"], judged)
 
     return run_loop(trainer, block, objective, plan, plateau, f"block {plan.index + 1}")
 
@@ -203,7 +212,7 @@ def run_loop(
     module: torch.nn.Module,
     objective: Objective,
     plan: BlockPlan,
-    plateau: Callable[[BlockProgress], list[Plateau]],
+    plateau: Callable[[BlockProgress], list[Hook]],
     label: str,
 ) -> BlockProgress:
     """Adam steps on ``objective`` over ``module``'s parameters for ``plan.iters``
@@ -253,27 +262,87 @@ def run_loop(
 
 
 def _plateau(
-    trainer: JKOTrainer, block: Block, plan: BlockPlan, progress: BlockProgress, val: Pushed
-) -> list[Plateau]:
-    """The early-stopping hook of a block (none with ``val_every=0``): the
+    trainer: JKOTrainer,
+    block: Block,
+    plan: BlockPlan,
+    progress: BlockProgress,
+    val: Pushed,
+    judged: bool = False,
+) -> list[Hook]:
+    """The early-stopping hooks of a block (none with ``val_every=0``): the
     validation NLL, on the first :data:`~jkoflow.config.VALIDATION_ROWS`
     validation rows, of the flow as it stands with this block, i.e. through
     the block (at its own RK4 steps) and the blocks after it that the stage
     has not retrained yet (:func:`_tail`): a retrained block is kept only
-    where it makes the whole flow better."""
+    where it makes the whole flow better. With ``judged`` (a block the
+    growth rule judges by Ter and gain) also :class:`IdleBlock`, on the
+    block's Ter on the same rows."""
     config, samples, k = trainer.config, trainer.samples, progress.index
     if not config.val_every:
         return []
     rows, tail = val.head(min(len(val.x), VALIDATION_ROWS)), _tail(trainer, plan)
+    latest: dict[str, float] = {}
 
     def val_nll() -> tuple[float, float, bool]:
         with torch.no_grad():
             pushed, valid = push_checked(trainer, k, rows)
+            latest["ter"] = relative_movement(rows.x, pushed.x)
             for later, steps in tail:
                 pushed = samples.push_block(later, pushed, steps)
             return (*pushed.nll_with_stderr(), valid)
 
-    return [Plateau(progress, block, config.val_every, config.patience, plan.iters, val_nll)]
+    hooks: list[Hook] = [Plateau(progress, block, config.val_every, config.patience, plan.iters, val_nll)]
+    if judged:
+        hooks.append(IdleBlock(progress, config, plan.iters, lambda: latest.get("ter", math.inf)))
+    return hooks
+
+
+def relative_movement(x: Tensor, moved: Tensor) -> float:
+    """Ter = E‖T(x) − x‖² / E‖T(x)‖² of samples ``x`` (n, d) moved to ``moved``."""
+    return float((moved - x).pow(2).sum(1).mean() / moved.pow(2).sum(1).mean())
+
+
+def idle_gain(checks: list[list[float]]) -> float:
+    """The validation NLL a block gained over its check before the first step:
+    the first valid check minus the best valid one (0 without two of them)."""
+    valid = [check[1] for check in checks if valid_check(check)]
+    return valid[0] - min(valid) if len(valid) >= 2 else 0.0
+
+
+class IdleBlock(Hook):
+    """Ends a new block that has nothing to do: from a quarter of its ``iters``
+    steps on, once its latest early-stopping check found it moving Ter < ε
+    (``ter_eps``, measured by ``ter()``) and its validation NLL no more than
+    ``gain_eps`` below the check before its first step (:func:`idle_gain`).
+    The growth rule (:func:`jkoflow.stages.plan_grow`: Ter < ε and a gain
+    under ``gain_eps``) would end the stage with such a block; training it
+    on only spends time, and on an idle block the optimiser's only lever
+    left is the RK4 error (its step control would then double its steps).
+
+    Example:
+        >>> from jkoflow import JKOConfig
+        >>> from jkoflow.checkpoint import BlockProgress
+        >>> from jkoflow.scheduler import IdleBlock
+        >>> progress = BlockProgress(index=2)
+        >>> progress.checks = [[0, 3.520, 0.01, 1.0], [100, 3.519, 0.01, 1.0]]
+        >>> hook = IdleBlock(progress, JKOConfig(), iters=400, ter=lambda: 1e-4)
+        >>> hook.done()  # gained 0.001 < 0.005 and Ter 1e-4 < 0.01, but before step 100
+        False
+        >>> progress.iter = 100
+        >>> hook.done()
+        True
+    """
+
+    def __init__(
+        self, progress: BlockProgress, config: JKOConfig, iters: int, ter: Callable[[], float]
+    ) -> None:
+        self.progress, self.iters, self.ter = progress, iters, ter
+        self.ter_eps, self.gain_eps = config.ter_eps, config.gain_eps
+
+    def done(self) -> bool:
+        if 4 * self.progress.iter < self.iters or len(self.progress.checks) < 2:
+            return False
+        return self.ter() < self.ter_eps and idle_gain(self.progress.checks) < self.gain_eps
 
 
 def push_checked(trainer: JKOTrainer, k: int, rows: Pushed) -> tuple[Pushed, bool]:
@@ -299,24 +368,32 @@ def _tail(trainer: JKOTrainer, plan: BlockPlan) -> list[tuple[Block, int]]:
     return []
 
 
-Measured = tuple[dict[str, Pushed], float, float, bool]
+Measured = tuple[Pushed, float, float, bool]
 
 
 def fits_its_steps(trainer: JKOTrainer, k: int, cached: dict[str, Pushed]) -> Measured:
-    """Pushes every set through the frozen block ``k`` at its own RK4 steps
-    (``trainer.flow.block_steps(k)``); (the samples of p_k, its step-doubling
-    change, its relative inversion error, whether both are below the config's
-    tolerances)."""
+    """Pushes the validation set through the frozen block ``k`` at its own RK4
+    steps (``trainer.flow.block_steps(k)``); (those samples of p_k, its
+    step-doubling change, its relative inversion error, whether both are
+    below the config's tolerances). The other sets are pushed by
+    :func:`push_rest` once the block is kept at these steps."""
     samples, config = trainer.samples, trainer.config
     with torch.no_grad():
-        moved = samples.push_all(k, cached)
-        change = samples.step_doubling_change(k, cached["val"], moved["val"])
-        error = samples.inversion_error(k, cached["val"], moved["val"])
+        moved = samples.push(k, cached["val"])
+        change = samples.step_doubling_change(k, cached["val"], moved)
+        error = samples.inversion_error(k, cached["val"], moved)
     return moved, change, error, abs(change) < config.step_tol and error < config.inversion_tol
 
 
+def push_rest(trainer: JKOTrainer, k: int, cached: dict[str, Pushed], val: Pushed) -> dict[str, Pushed]:
+    """Every set pushed through block ``k`` at its own steps, the validation
+    set's push ``val`` (from :func:`fits_its_steps`) reused."""
+    with torch.no_grad():
+        return {name: val if name == "val" else trainer.samples.push(k, c) for name, c in cached.items()}
+
+
 def _train_with_step_control(
-    trainer: JKOTrainer, block: Block, plan: BlockPlan, cached: dict[str, Pushed]
+    trainer: JKOTrainer, block: Block, plan: BlockPlan, cached: dict[str, Pushed], judged: bool = False
 ) -> tuple[BlockProgress, BlockPlan, dict[str, Pushed], float, float]:
     """Trains the block on its plan, evaluated at the flow's base steps (step
     factor 1); while it fits its RK4 discretisation (:func:`fits_its_steps`
@@ -327,7 +404,11 @@ def _train_with_step_control(
     the train steps) for a quarter of ``plan.iters`` more steps (the cosine
     schedule stretched to the new total, so it resumes at a low learning
     rate), then checks it again at its new eval steps. A resumed block
-    continues the phase it was in (its factor is in the checkpoint's flow)."""
+    continues the phase it was in (its factor is in the checkpoint's flow).
+    A block the growth rule judges (``judged``) that is idle (Ter < ε on the
+    validation set and a validation gain under ``gain_eps``, :class:`IdleBlock`)
+    is kept at its best converged check instead of trained on at finer steps:
+    it ends the stage either way."""
     config, saved, flow, k = trainer.config, trainer.block, trainer.flow, plan.index
     resumed = saved is not None and saved.index == k and saved.train_steps > 0
     if resumed:
@@ -336,13 +417,15 @@ def _train_with_step_control(
         flow.set_steps_factor(k, 1)
     while True:
         block.requires_grad_(True)
-        progress = _optimize_block(trainer, block, plan, cached)
+        progress = _optimize_block(trainer, block, plan, cached, judged and not flow.steps_factors[k] > 1)
         block.requires_grad_(False)
         start = time.perf_counter()
-        moved, change, error, fits = fits_its_steps(trainer, k, cached)
-        fits = fits and all(valid_check(check) for check in progress.checks)
+        val, change, error, fits = fits_its_steps(trainer, k, cached)
+        idle = judged and _idle(trainer, progress, cached["val"], val)
+        fits = fits and (idle or all(valid_check(check) for check in progress.checks))
         steps = plan.train_steps or config.train_steps
         if fits or trainer.budget.done() or steps >= config.train_steps * 2**config.step_doublings:
+            moved = push_rest(trainer, k, cached, val)
             progress.seconds += time.perf_counter() - start
             return progress, plan, moved, change, error
         plan = dataclasses.replace(plan, train_steps=2 * steps, iters=plan.iters + max(1, plan.iters // 4))
@@ -350,6 +433,14 @@ def _train_with_step_control(
         progress.checks, progress.best = [], None  # the next phase is judged at its own, finer steps
         flow.set_steps_factor(k, 2 * flow.steps_factors[k])
         progress.seconds += time.perf_counter() - start
+
+
+def _idle(trainer: JKOTrainer, progress: BlockProgress, before: Pushed, after: Pushed) -> bool:
+    """Whether a block moved the validation set by Ter < ε and gained less than
+    ``gain_eps`` at its early-stopping checks (:class:`IdleBlock`)."""
+    config = trainer.config
+    gained = idle_gain(progress.checks) < config.gain_eps
+    return gained and relative_movement(before.x, after.x) < config.ter_eps
 
 
 def _converged(trainer: JKOTrainer, n: int) -> bool:
@@ -432,7 +523,8 @@ def fit_block(
     samples of p_k."""
     k, config = plan.index, trainer.config
     block = trainer.flow.blocks[k]
-    progress, trained, moved, change, error = _train_with_step_control(trainer, block, plan, cached)
+    judged = stage.kind in GROWING and plan.start == "new" and bool(stage.blocks) and config.gain_eps > 0
+    progress, trained, moved, change, error = _train_with_step_control(trainer, block, plan, cached, judged)
     steps = trained.train_steps or config.train_steps
     record = block_record(trainer, k, plan.h, cached, moved, progress, change, error, steps, plan.start)
     stage.blocks.append(record)

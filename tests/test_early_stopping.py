@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,3 +101,23 @@ def test_a_retrained_block_is_kept_only_where_the_whole_flow_improves(monkeypatc
     initial, reparam = checked.stages
     assert reparam.val_nll <= initial.val_nll + 1e-5
     assert all(b.n_batches < 60 for b in reparam.blocks)  # each stopped on its plateau
+
+
+def test_an_idle_block_stops_at_a_quarter_of_its_steps_and_ends_the_stage():
+    """Data N(0, 4I) and a long first step (h0 = 100): the first block
+    (judged by Ter alone) contracts them to about N(0, I) in its whole
+    schedule; the second has nothing left to move or gain, so it stops at its
+    check after a quarter of its steps, and the growth rule ends the stage."""
+    rng = np.random.default_rng(0)
+    x_train, x_val, x_test = (2 * rng.standard_normal((n, 2)).astype("float32") for n in (4000, 2000, 2000))
+    config = jkoflow.JKOConfig(
+        block="mlp", width=8, iters=200, batch_size=256, val_every=25, max_blocks=4, h0=100.0, seed=0
+    )
+    _, history = jkoflow.train_jko(x_train, x_val, x_test, config=config)
+    first, second = history.stages[0].blocks
+    assert first.ter > config.ter_eps and first.n_batches == 200
+    assert second.n_batches == 50  # checks at 25 and 50; 4·50 ≥ 200
+    assert second.ter < config.ter_eps and abs(first.val_nll - second.val_nll) < config.gain_eps
+    assert history.stopped_by == "ter" and len(history.stages[0].blocks) == 2
+    assert second.step_doublings == 0 and abs(second.step_doubling_change) < config.step_tol
+    assert history.selected.stage == "gaussian"  # on Gaussian data the Gaussian fit is the best flow

@@ -188,3 +188,17 @@ def test_auto_is_a_jko_default_only():
     assert jkoflow.OTFlowConfig().block == "otflow"
     with pytest.raises(InputError, match="unknown block type 'auto'"):
         jkoflow.OTFlowConfig(block="auto")
+
+
+@pytest.mark.parametrize(("dim", "expected"), [(2, ("mlp", 2)), (8, ("otflow", 1))])
+def test_depth_zero_takes_each_block_types_default_depth(dim, expected):
+    config = jkoflow.JKOConfig(width=8)
+    assert config.depth == 0
+    block = config.make_block(dim=dim)
+    assert (type(block).name, block.depth) == expected
+    assert jkoflow.JKOConfig(width=8, depth=3).make_block(dim=dim).depth == 3  # an explicit depth wins
+    pinned = jkoflow.JKOConfig(width=8, block_options={expected[0]: {"depth": 4}})
+    assert pinned.make_block(dim=dim).depth == 4  # and so does a per-type option
+    assert jkoflow.OTFlowConfig().depth == 1  # the baseline keeps OT-Flow's own depth
+    with pytest.raises(InputError, match="depth must be a non-negative integer"):
+        jkoflow.JKOConfig(depth=-1)

@@ -1,0 +1,91 @@
+"""The compiled RK4 step of training: when it is used, that it computes what the
+eager step does (values and gradients), and the eager fallback."""
+
+import warnings
+
+import pytest
+import torch
+
+import blocks
+import jkoflow
+from jkoflow.compiling import COMPILE_MIN_ITERS, COMPILE_MIN_SECONDS, CompiledStep, training_stepper
+from jkoflow.errors import InputError
+from jkoflow.objectives import jko_loss
+from jkoflow.ode import rk4_step
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "mode", "iters", "compiled"),
+    [
+        ("mlp", {}, "auto", COMPILE_MIN_ITERS, True),
+        ("mlp", {}, "auto", COMPILE_MIN_ITERS - 1, False),
+        ("mlp", {"max_seconds": COMPILE_MIN_SECONDS - 1}, "auto", 10_000, False),
+        ("mlp", {"max_seconds": COMPILE_MIN_SECONDS}, "auto", 10_000, True),
+        ("mlp", {}, "on", 1, True),
+        ("mlp", {}, "off", 10_000, False),
+        ("mlp", {"hutchinson": True}, "auto", 10_000, False),
+        ("otflow", {}, "auto", 10_000, False),
+    ],
+)
+def test_which_blocks_are_compiled(kind, options, mode, iters, compiled):
+    options = dict(options)
+    seconds = options.pop("max_seconds", 0.0)
+    block = blocks.make(kind, dim=2, width=8, **options)
+    stepper = training_stepper(block, mode, iters, seconds)
+    assert isinstance(stepper, CompiledStep) if compiled else stepper is rk4_step
+
+
+def test_compile_on_refuses_a_block_it_cannot_compile():
+    with pytest.raises(InputError, match="compilable"):
+        training_stepper(blocks.make("otflow", dim=2, width=8), "on", 10)
+    with pytest.raises(InputError, match="compile must be one of"):
+        jkoflow.JKOConfig(compile="yes")
+
+
+def test_time_slices_of_an_mlp_block_are_compilable():
+    parent = blocks.make("mlp", dim=2, width=8)
+    assert all(piece.compilable for piece in blocks.time_slices(parent, 2))
+    assert not any(piece.compilable for piece in blocks.time_slices(blocks.make("otflow", dim=2), 2))
+
+
+def _trained_block() -> blocks.Block:
+    torch.manual_seed(0)
+    block = blocks.make("mlp", dim=2, width=8, depth=1)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return block
+
+
+def test_the_compiled_step_computes_the_eager_loss_and_gradients():
+    block, x = _trained_block(), torch.randn(64, 2)
+    results = []
+    for stepper in (rk4_step, CompiledStep()):
+        block.zero_grad()
+        terms = jko_loss(block, x, 5.0, 3, stepper=stepper)
+        terms.loss.backward()
+        results.append((terms, [p.grad.clone() for p in block.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    for a, b in zip(eager, compiled, strict=True):
+        assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-5, abs=1e-6)
+    for a, b in zip(eager_grads, compiled_grads, strict=True):
+        assert float((a - b).abs().max()) <= 1e-4 * (1 + float(a.abs().max()))
+    assert float(eager.kl.detach()) != 0 and float(eager.transport.detach()) > 0
+
+
+def test_a_failed_compilation_warns_once_and_trains_eagerly():
+    block, x = _trained_block(), torch.randn(16, 2)
+    stepper = CompiledStep()
+
+    def cannot_compile(*args):
+        raise RuntimeError("no C++ compiler found\nsecond line")
+
+    stepper.compiled = cannot_compile
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+        first = jko_loss(block, x, 5.0, 2, stepper=stepper).loss
+    assert stepper.fallback == "RuntimeError: no C++ compiler found"
+    assert float(first.detach()) == float(jko_loss(block, x, 5.0, 2).loss.detach())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jko_loss(block, x, 5.0, 2, stepper=stepper)
+    assert not caught  # one warning per stepper, not one per step
