@@ -207,8 +207,9 @@ class JKOObjective(nn.Module):
     DistributedDataParallel sees one forward and one backward per step
     (:func:`~jkoflow.objectives.jko_loss` calls the block several times).
 
-    ``forward(x, h, steps, transport, weight)`` returns ``weight·(loss, kl,
-    transport)``, shape (3,), integrated by ``stepper``.
+    ``forward(x, h, steps, transport, weight, stepper)`` returns ``weight·(loss,
+    kl, transport)``, shape (3,), integrated by ``stepper``
+    (:func:`~jkoflow.ode.rk4_step` or a compiled copy).
 
     Example:
         >>> import torch, blocks
@@ -218,12 +219,20 @@ class JKOObjective(nn.Module):
         torch.Size([3])
     """
 
-    def __init__(self, block: Block, stepper: Stepper = rk4_step) -> None:
+    def __init__(self, block: Block) -> None:
         super().__init__()
-        self.block, self.stepper = block, stepper
+        self.block = block
 
-    def forward(self, x: Tensor, h: float | None, steps: int, transport: Transport, weight: float) -> Tensor:
-        terms = jko_loss(self.block, x, h, steps, transport, self.stepper)
+    def forward(
+        self,
+        x: Tensor,
+        h: float | None,
+        steps: int,
+        transport: Transport,
+        weight: float,
+        stepper: Stepper = rk4_step,
+    ) -> Tensor:
+        terms = jko_loss(self.block, x, h, steps, transport, stepper)
         return torch.stack(tuple(terms)) * weight
 
 

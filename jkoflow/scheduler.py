@@ -35,7 +35,7 @@ from blocks import Block, time_slices
 
 from . import distributed
 from .checkpoint import BlockProgress
-from .compiling import training_stepper
+from .compiling import EAGER_BATCHES, training_stepper
 from .config import VALIDATION_ROWS, JKOConfig
 from .errors import TrainingError
 from .loop import (
@@ -53,6 +53,7 @@ from .loop import (
     valid_check,
 )
 from .objectives import JKOLoss, jko_loss
+from .ode import Stepper, rk4_step
 from .placement import Placement
 from .records import GROWING, BlockRecord, JKOHistory, Selection, StageRecord, movement_spread
 from .samples import Pushed
@@ -102,8 +103,7 @@ class JKOObjective:
         self.batch = config.batch_for(len(x))
         self.step = step  # mini-batches taken so far (seeds the ranks' noise)
         self.stepper = training_stepper(block, config.compile, config.iters, config.max_seconds)
-        objective = distributed.JKOObjective(block, self.stepper)
-        self.parallel = distributed.data_parallel(block, placement.group, placement.device, objective)
+        self.parallel = distributed.data_parallel(block, placement.group, placement.device)
 
     def lr(self, it: int, scale: float) -> float:
         """scale·(lr_f + (lr − lr_f)(1 + cos(π·it/iters))/2), lr_f = lr·lr_final_factor,
@@ -112,19 +112,27 @@ class JKOObjective:
         lr, final = self.peak, self.peak * self.config.lr_final_factor
         return scale * (final + (lr - final) * (1 + math.cos(math.pi * it / self.iters)) / 2)
 
+    def current_stepper(self) -> Stepper:
+        """The RK4 step of this mini-batch: the eager one for the run's first
+        :data:`~jkoflow.compiling.EAGER_BATCHES` mini-batches (the first
+        early-stopping check comes at eager speed, not after a compilation
+        of 15–25 s), then ``self.stepper``."""
+        return self.stepper if self.step() >= EAGER_BATCHES else rk4_step
+
     def loss(self) -> tuple[Tensor, dict[str, Tensor]]:
         config, x = self.config, self.x
         index = torch.randint(len(x), (self.batch,), generator=self.generator)
+        stepper = self.current_stepper()
         if self.parallel is None:
             batch = self.placement.compute(x[index.to(x.device)])
-            terms = jko_loss(self.block, batch, self.h, self.train_steps, config.transport, self.stepper)  # type: ignore[arg-type]
+            terms = jko_loss(self.block, batch, self.h, self.train_steps, config.transport, stepper)  # type: ignore[arg-type]
             return terms.loss, terms._asdict()
         group = self.placement.group
         start, stop = group.shard(len(index))
         batch = self.placement.compute(x[index[start:stop].to(x.device)])
         weight = group.size * (stop - start) / len(index)
         with group.step_rng(config.seed, self.step(), self.placement.device):
-            local = self.parallel(batch, self.h, self.train_steps, config.transport, weight)
+            local = self.parallel(batch, self.h, self.train_steps, config.transport, weight, stepper)
         return local[0], JKOLoss(*(group.sum(local.detach()) / group.size))._asdict()
 
 

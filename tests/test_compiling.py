@@ -89,3 +89,26 @@ def test_a_failed_compilation_warns_once_and_trains_eagerly():
         warnings.simplefilter("always")
         jko_loss(block, x, 5.0, 2, stepper=stepper)
     assert not caught  # one warning per stepper, not one per step
+
+
+def test_a_run_takes_its_first_mini_batches_eagerly():
+    from jkoflow.compiling import EAGER_BATCHES
+    from jkoflow.placement import resolve_placement
+    from jkoflow.scheduler import JKOObjective
+    from jkoflow.stages import BlockPlan
+
+    config = jkoflow.JKOConfig(block="mlp", width=8, batch_size=16, compile="on")
+    taken = [0]
+    objective = JKOObjective(
+        blocks.make("mlp", dim=2, width=8),
+        BlockPlan(0, 5.0, 50, "new"),
+        torch.randn(64, 2),
+        config,
+        torch.Generator().manual_seed(0),
+        resolve_placement(config),
+        lambda: taken[0],
+    )
+    assert isinstance(objective.stepper, CompiledStep)
+    assert objective.current_stepper() is rk4_step
+    taken[0] = EAGER_BATCHES
+    assert objective.current_stepper() is objective.stepper
