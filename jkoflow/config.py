@@ -392,8 +392,9 @@ class JKOConfig(TrainingConfig):
     checkerboard (2 CPU cores, 1 thread) with ``otflow`` blocks: about 110 s
     per block, test NLL 3.59–3.62 nats after 2 blocks over seeds 0–3, where
     400 steps of batch 2048 gave 3.67. More steps of smaller batches paid off
-    per second. With the ``mlp`` blocks ``"auto"`` picks there, the default
-    run reaches 3.547–3.563 in 199–240 s.
+    per second. With the depth-2 ``mlp`` blocks ``"auto"`` picks there and
+    their compiled training steps, the default run reaches 3.512–3.523 in
+    123–178 s (docs/benchmarks.md, "The default command").
 
     Mixed flows: with ``block_types`` non-empty, block k is of type
     ``block_types[min(k, len(block_types) − 1)]`` (the last entry repeats) and
