@@ -32,6 +32,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from blocks import Block
@@ -76,8 +77,6 @@ class CompiledStep:
     """
 
     def __init__(self, backend: str = "inductor") -> None:
-        import torch
-
         self.compiled = torch.compile(rk4_step, fullgraph=True, backend=backend)
         self.fallback: str | None = None
 

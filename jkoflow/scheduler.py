@@ -70,6 +70,7 @@ __all__ = [
     "fit_block",
     "fits_its_steps",
     "idle_gain",
+    "is_idle",
     "movement_spread",
     "new_block",
     "push_checked",
@@ -317,6 +318,12 @@ def idle_gain(checks: list[list[float]]) -> float:
     return valid[0] - min(valid) if len(valid) >= 2 else 0.0
 
 
+def is_idle(ter: float, checks: list[list[float]], config: JKOConfig) -> bool:
+    """Whether a block with relative movement ``ter`` and early-stopping
+    ``checks`` is idle: Ter < ``ter_eps`` and :func:`idle_gain` < ``gain_eps``."""
+    return ter < config.ter_eps and idle_gain(checks) < config.gain_eps
+
+
 class IdleBlock(Hook):
     """Ends a new block that has nothing to do: from a quarter of its ``iters``
     steps on, once its latest early-stopping check found it moving Ter < ε
@@ -344,13 +351,12 @@ class IdleBlock(Hook):
     def __init__(
         self, progress: BlockProgress, config: JKOConfig, iters: int, ter: Callable[[], float]
     ) -> None:
-        self.progress, self.iters, self.ter = progress, iters, ter
-        self.ter_eps, self.gain_eps = config.ter_eps, config.gain_eps
+        self.progress, self.config, self.iters, self.ter = progress, config, iters, ter
 
     def done(self) -> bool:
         if 4 * self.progress.iter < self.iters or len(self.progress.checks) < 2:
             return False
-        return self.ter() < self.ter_eps and idle_gain(self.progress.checks) < self.gain_eps
+        return is_idle(self.ter(), self.progress.checks, self.config)
 
 
 def push_checked(trainer: JKOTrainer, k: int, rows: Pushed) -> tuple[Pushed, bool]:
@@ -425,12 +431,14 @@ def _train_with_step_control(
         flow.set_steps_factor(k, 1)
     while True:
         block.requires_grad_(True)
-        progress = _optimize_block(trainer, block, plan, cached, judged and not flow.steps_factors[k] > 1)
+        progress = _optimize_block(trainer, block, plan, cached, judged and flow.steps_factors[k] == 1)
         block.requires_grad_(False)
         start = time.perf_counter()
         val, change, error, fits = fits_its_steps(trainer, k, cached)
-        idle = judged and _idle(trainer, progress, cached["val"], val)
-        fits = fits and (idle or all(valid_check(check) for check in progress.checks))
+        valid = all(valid_check(check) for check in progress.checks)
+        fits = fits and (
+            valid or (judged and is_idle(relative_movement(cached["val"].x, val.x), progress.checks, config))
+        )
         steps = plan.train_steps or config.train_steps
         if fits or trainer.budget.done() or steps >= config.train_steps * 2**config.step_doublings:
             moved = push_rest(trainer, k, cached, val)
@@ -441,14 +449,6 @@ def _train_with_step_control(
         progress.checks, progress.best = [], None  # the next phase is judged at its own, finer steps
         flow.set_steps_factor(k, 2 * flow.steps_factors[k])
         progress.seconds += time.perf_counter() - start
-
-
-def _idle(trainer: JKOTrainer, progress: BlockProgress, before: Pushed, after: Pushed) -> bool:
-    """Whether a block moved the validation set by Ter < ε and gained less than
-    ``gain_eps`` at its early-stopping checks (:class:`IdleBlock`)."""
-    config = trainer.config
-    gained = idle_gain(progress.checks) < config.gain_eps
-    return gained and relative_movement(before.x, after.x) < config.ter_eps
 
 
 def _converged(trainer: JKOTrainer, n: int) -> bool:
@@ -491,13 +491,13 @@ def block_record(
     seconds of ``progress`` (none: 0) and the RK4 measures."""
     with torch.no_grad():
         step = (moved["val"].x - before["val"].x).pow(2).sum(1).mean()
-        ter = step / moved["val"].x.pow(2).sum(1).mean()
+        ter = relative_movement(before["val"].x, moved["val"].x)
     losses = progress.losses if progress is not None else []
     return BlockRecord(
         index=k,
         h=h,
         movement=float(step.sqrt()),
-        ter=float(ter),
+        ter=ter,
         val_nll=moved["val"].nll(),
         n_batches=len(losses),
         seconds=progress.seconds if progress is not None else 0.0,
