@@ -18,6 +18,7 @@ the same way and the pieces are all-gathered in rank order.
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -34,7 +35,7 @@ from .errors import InputError
 from .objectives import Transport, jko_loss
 from .ode import Stepper, rk4_step
 
-__all__ = ["Group", "JKOObjective", "current", "data_parallel", "launched", "world_from_env"]
+__all__ = ["Group", "JKOObjective", "current", "data_parallel", "join", "launched", "leave", "world_from_env"]
 
 
 @dataclass(frozen=True)
@@ -195,11 +196,31 @@ def launched(device: str) -> Iterator[Group]:
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group(backend, rank=rank, world_size=size)
+    join(backend, rank, size)
     try:
         yield current()
     finally:
-        dist.destroy_process_group()
+        leave()
+
+
+def join(backend: str, rank: int, size: int, timeout: datetime.timedelta | None = None) -> None:
+    """Joins the default process group (``init_process_group``) as ``rank`` of
+    ``size`` on ``backend``; :func:`leave` leaves it.
+
+    ``torch._dynamo`` is imported first. Imported while a group exists (by
+    the first Adam step or DistributedDataParallel), it keeps references to
+    the group (torch 2.13), which then outlives :func:`leave` with gloo's
+    worker threads; a worker still releasing a collective's tensors while
+    the interpreter exits aborts the process ("terminate called without an
+    active exception")."""
+    import torch._dynamo  # noqa: F401  (before the group: see above)
+
+    dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout)
+
+
+def leave() -> None:
+    """Leaves the default process group: destroys it and joins its worker threads."""
+    dist.destroy_process_group()
 
 
 class JKOObjective(nn.Module):

@@ -109,8 +109,25 @@ def _worker(rank: int, world: int, port: int, data: tuple, jobs: list[dict]):
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    with launched("cpu") as group:  # joins the group made above, leaves it at the end
+    jkoflow.distributed.join("gloo", rank, world, timeout=datetime.timedelta(seconds=120))
+    try:
+        _jobs(rank, world, data, jobs)
+    finally:
+        jkoflow.distributed.leave()
+    (Path(jobs[0]["out"]).parent / f"threads{rank}.txt").write_text(str(_gloo_threads()))
+
+
+def _gloo_threads() -> int:
+    """This process's gloo threads (their names in /proc; -1 without /proc)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return -1
+    return sum("gloo" in (task / "comm").read_text() for task in tasks.iterdir())
+
+
+def _jobs(rank: int, world: int, data: tuple, jobs: list[dict]) -> None:
+    """The jobs of :func:`_worker` on this rank, in the group it joined."""
+    with launched("cpu") as group:  # the group made by the worker
         assert group.size == world and group.rank == rank
         for job in jobs:
             out, config = Path(job["out"]), JKOConfig(**job["config"])
@@ -202,6 +219,17 @@ def _assert_same_run(ranks: list[dict], single) -> None:
         assert [b["movement"] for b in final["blocks"]] == pytest.approx(
             [b.movement for b in history.blocks], rel=1e-8
         )
+
+
+@needs_gloo
+def test_leaving_the_group_ends_its_gloo_threads(two):
+    """Nothing keeps the group alive after leave(): its worker threads end,
+    and none is left to release a collective's tensors while the interpreter
+    exits (an abort)."""
+    counts = [int((two / f"threads{r}.txt").read_text()) for r in range(2)]
+    if counts == [-1, -1]:
+        pytest.skip("no /proc to count threads in")
+    assert counts == [0, 0]
 
 
 @needs_gloo
