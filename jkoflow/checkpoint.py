@@ -31,11 +31,13 @@ from .serialization import read_payload, write_payload
 __all__ = ["BlockProgress", "TrainerState", "data_fingerprint", "load_state", "save_state"]
 
 FORMAT = "jkoflow.trainer"
-FORMAT_VERSION = 3
-"""Version 3 adds the best candidate flow so far (``best``, the run's
+FORMAT_VERSION = 4
+"""Version 4 adds, for a block a stage retrains from its weights, the block as
+it stood before (``block_before``, ``before_factor``, ``before_nll``);
+version 3 adds the best candidate flow so far (``best``, the run's
 selection); version 2 calls the per-block movement ``movement`` (version 1:
 ``w2``) and may hold an OT-Flow run (``trainer`` and ``extra``). Files of
-versions 1 and 2 still read (without a best flow)."""
+versions 1 to 3 still read (without a best flow before version 3)."""
 OLDEST_VERSION = 1
 
 
@@ -58,6 +60,12 @@ class BlockProgress:
             every early-stopping check (:class:`jkoflow.loop.Plateau`; valid:
             1.0 when the block's step-doubling change was below ``step_tol``).
         best: The block's weights at the best valid check (None before the first).
+        before, before_factor, before_nll: For a block a stage retrains from
+            its weights (reparametrisation, refinement) with early stopping
+            on: its weights and RK4 step factor when the stage began with it,
+            and the validation NLL of the flow with it then (None when it was
+            not converged in its steps). The step control puts them back if
+            the retrained block ends no better (None, 0, None otherwise).
 
     Example:
         >>> from jkoflow.checkpoint import BlockProgress
@@ -83,6 +91,9 @@ class BlockProgress:
     iters: int = 0
     checks: list[list[float]] = field(default_factory=list)
     best: dict[str, Any] | None = None
+    before: dict[str, Any] | None = None
+    before_factor: int = 0
+    before_nll: float | None = None
 
     def count(self, loss: float, seconds: float) -> None:
         """Counts one finished step of ``seconds`` with this ``loss``."""
@@ -101,8 +112,8 @@ class BlockProgress:
         del self.checks[n_checks:]
 
     def numbers(self) -> dict[str, Any]:
-        """The JSON-able fields (all but the optimizer state and the best weights)."""
-        tensors = ("optimizer", "best")
+        """The JSON-able fields (all but the optimizer state and the weights)."""
+        tensors = ("optimizer", "best", "before")
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in tensors}
 
 
@@ -199,6 +210,7 @@ def save_state(state: TrainerState, path: str | os.PathLike) -> None:
         "parents": parents,
         "optimizer": state.block.optimizer if state.block else None,
         "block_best": state.block.best if state.block else None,
+        "block_before": state.block.before if state.block else None,
         "generator": state.generator,
         "torch_rng": state.torch_rng,
         "extra": state.extra,
@@ -222,9 +234,8 @@ def load_state(path: str | os.PathLike, trainer: str = "jko") -> TrainerState:
         parents = list(Flow.from_payload(payload["parents"], path).blocks)
     block = None
     if numbers["block"] is not None:
-        block = BlockProgress(
-            **numbers["block"], optimizer=payload["optimizer"], best=payload.get("block_best")
-        )
+        tensors = {"best": payload.get("block_best"), "before": payload.get("block_before")}
+        block = BlockProgress(**numbers["block"], optimizer=payload["optimizer"], **tensors)
     return TrainerState(
         config=json.loads(payload["config"]),
         history=json.loads(payload["history"]),

@@ -87,6 +87,11 @@ class BlockRecord(_Readable):
         test_nll: Test NLL, when a test set was given.
         parent, slice: For a time slice of a refinement stage, the index of
             the block it was cut from (among the trained ones) and which slice.
+        put_back: For a block the stage retrained from its weights: True when
+            the retrained block ended no better than the block before the
+            stage (validation NLL of the flow with it, or not converged in
+            its RK4 steps), so its weights and RK4 steps from before the
+            stage were put back.
 
     Example:
         >>> from jkoflow.records import BlockRecord
@@ -122,6 +127,7 @@ class BlockRecord(_Readable):
     train_steps: int | None = None
     step_doublings: int = 0
     eval_steps: int | None = None
+    put_back: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (the optional fields only when set)."""

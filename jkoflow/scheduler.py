@@ -25,7 +25,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 import torch
 from torch import Tensor
@@ -65,10 +65,13 @@ if TYPE_CHECKING:
 __all__ = [
     "IdleBlock",
     "JKOHistory",
+    "Trained",
     "block_record",
+    "check_rows",
     "consider",
     "fit_block",
     "fits_its_steps",
+    "flow_nll",
     "idle_gain",
     "is_idle",
     "movement_spread",
@@ -286,24 +289,41 @@ def _plateau(
     where it makes the whole flow better. With ``judged`` (a block the
     growth rule judges by Ter and gain) also :class:`IdleBlock`, on the
     block's Ter on the same rows."""
-    config, samples, k = trainer.config, trainer.samples, progress.index
+    config, k = trainer.config, progress.index
     if not config.val_every:
         return []
-    rows, tail = val.head(min(len(val.x), VALIDATION_ROWS)), _tail(trainer, plan)
+    rows, tail = check_rows(val), _tail(trainer, plan)
     latest: dict[str, float] = {}
 
     def val_nll() -> tuple[float, float, bool]:
-        with torch.no_grad():
-            pushed, valid = push_checked(trainer, k, rows)
-            latest["ter"] = relative_movement(rows.x, pushed.x)
-            for later, steps in tail:
-                pushed = samples.push_block(later, pushed, steps)
-            return (*pushed.nll_with_stderr(), valid)
+        nll, stderr, valid, latest["ter"] = flow_nll(trainer, k, rows, tail)
+        return nll, stderr, valid
 
     hooks: list[Hook] = [Plateau(progress, block, config.val_every, config.patience, plan.iters, val_nll)]
     if judged:
         hooks.append(IdleBlock(progress, config, plan.iters, lambda: latest.get("ter", math.inf)))
     return hooks
+
+
+def check_rows(val: Pushed) -> Pushed:
+    """The validation rows an early-stopping check measures: the first
+    :data:`~jkoflow.config.VALIDATION_ROWS` of ``val``."""
+    return val.head(min(len(val.x), VALIDATION_ROWS))
+
+
+def flow_nll(
+    trainer: JKOTrainer, k: int, rows: Pushed, tail: list[tuple[Block, int]]
+) -> tuple[float, float, bool, float]:
+    """``rows`` (samples of p_{k−1}) pushed through block ``k`` at its own RK4
+    steps and then through ``tail`` (:func:`_tail`): (their NLL, its standard
+    error, whether block ``k``'s step-doubling change on them is below
+    ``step_tol`` (:func:`push_checked`), block ``k``'s Ter on them)."""
+    with torch.no_grad():
+        pushed, valid = push_checked(trainer, k, rows)
+        ter = relative_movement(rows.x, pushed.x)
+        for later, steps in tail:
+            pushed = trainer.samples.push_block(later, pushed, steps)
+        return (*pushed.nll_with_stderr(), valid, ter)
 
 
 def relative_movement(x: Tensor, moved: Tensor) -> float:
@@ -406,49 +426,110 @@ def push_rest(trainer: JKOTrainer, k: int, cached: dict[str, Pushed], val: Pushe
         return {name: val if name == "val" else trainer.samples.push(k, c) for name, c in cached.items()}
 
 
+class Trained(NamedTuple):
+    """What the step control (:func:`_train_with_step_control`) ends a block with."""
+
+    progress: BlockProgress
+    plan: BlockPlan  # the last phase's (its train steps)
+    moved: dict[str, Pushed]  # every set pushed through the block
+    change: float  # step-doubling change on the validation set
+    error: float  # relative inversion error on the validation set
+    put_back: bool  # the block from before the stage was put back
+
+
 def _train_with_step_control(
     trainer: JKOTrainer, block: Block, plan: BlockPlan, cached: dict[str, Pushed], judged: bool = False
-) -> tuple[BlockProgress, BlockPlan, dict[str, Pushed], float, float]:
+) -> Trained:
     """Trains the block on its plan, evaluated at the flow's base steps (step
     factor 1); while it fits its RK4 discretisation (:func:`fits_its_steps`
     fails, or an early-stopping check found its step-doubling change over
     ``step_tol``: the phase then stopped there and put back the weights of
-    the best converged check) and ``step_doublings`` allow, trains on with the train steps and
-    its step factor doubled (eval steps stay ``eval_steps/train_steps`` times
-    the train steps) for a quarter of ``plan.iters`` more steps (the cosine
-    schedule stretched to the new total, so it resumes at a low learning
-    rate), then checks it again at its new eval steps. A resumed block
-    continues the phase it was in (its factor is in the checkpoint's flow).
-    A block the growth rule judges (``judged``) that is idle (Ter < ε on the
-    validation set and a validation gain under ``gain_eps``, :class:`IdleBlock`)
-    is kept at its best converged check instead of trained on at finer steps:
-    it ends the stage either way."""
-    config, saved, flow, k = trainer.config, trainer.block, trainer.flow, plan.index
-    resumed = saved is not None and saved.index == k and saved.train_steps > 0
-    if resumed:
-        plan = dataclasses.replace(plan, train_steps=saved.train_steps, iters=saved.iters)
-    else:
-        flow.set_steps_factor(k, 1)
+    the best converged check) and ``step_doublings`` allow, trains on with
+    the train steps and its step factor doubled (eval steps stay
+    ``eval_steps/train_steps`` times the train steps) for a quarter of
+    ``plan.iters`` more steps (the cosine schedule stretched to the new
+    total, so it resumes at a low learning rate), then checks it again at
+    its new eval steps. A resumed block continues the phase it was in (its
+    factor is in the checkpoint's flow). A block the growth rule judges
+    (``judged``) that is idle (Ter < ε on the validation set and a validation
+    gain under ``gain_eps``, :class:`IdleBlock`) is kept at its best
+    converged check instead of trained on at finer steps: it ends the stage
+    either way. A block retrained from its weights gets them back if it ends
+    no better than it began (:func:`_no_better`)."""
+    config, flow, k = trainer.config, trainer.flow, plan.index
+    if trainer.block is None or trainer.block.index != k:
+        trainer.block = _first_phase(trainer, plan, cached)
+    elif trainer.block.train_steps:  # resumed in a phase the step control extended
+        plan = dataclasses.replace(plan, train_steps=trainer.block.train_steps, iters=trainer.block.iters)
     while True:
         block.requires_grad_(True)
         progress = _optimize_block(trainer, block, plan, cached, judged and flow.steps_factors[k] == 1)
         block.requires_grad_(False)
         start = time.perf_counter()
-        val, change, error, fits = fits_its_steps(trainer, k, cached)
+        val, change, error, converged = fits_its_steps(trainer, k, cached)
         valid = all(valid_check(check) for check in progress.checks)
-        fits = fits and (
+        fits = converged and (
             valid or (judged and is_idle(relative_movement(cached["val"].x, val.x), progress.checks, config))
         )
         steps = plan.train_steps or config.train_steps
         if fits or trainer.budget.done() or steps >= config.train_steps * 2**config.step_doublings:
+            put_back = _no_better(trainer, plan, cached, converged)
+            if put_back:
+                plan = _put_back(trainer, block, plan)
+                val, change, error, _ = fits_its_steps(trainer, k, cached)
             moved = push_rest(trainer, k, cached, val)
             progress.seconds += time.perf_counter() - start
-            return progress, plan, moved, change, error
+            return Trained(progress, plan, moved, change, error, put_back)
         plan = dataclasses.replace(plan, train_steps=2 * steps, iters=plan.iters + max(1, plan.iters // 4))
         progress.train_steps, progress.iters = plan.train_steps, plan.iters
         progress.checks, progress.best = [], None  # the next phase is judged at its own, finer steps
         flow.set_steps_factor(k, 2 * flow.steps_factors[k])
         progress.seconds += time.perf_counter() - start
+
+
+def _first_phase(trainer: JKOTrainer, plan: BlockPlan, cached: dict[str, Pushed]) -> BlockProgress:
+    """The progress of block ``plan.index`` before its first step, the block
+    set to step factor 1. For a block a stage retrains from its weights
+    (early stopping on), the progress keeps the block as it stands: its
+    weights, its step factor and the validation NLL of the flow with it
+    (:func:`flow_nll` on :func:`check_rows` through the :func:`_tail`; None
+    when the block is not converged in its steps)."""
+    flow, k = trainer.flow, plan.index
+    progress = BlockProgress(k)
+    if plan.start != "new" and trainer.config.val_every:
+        nll, _, valid, _ = flow_nll(trainer, k, check_rows(cached["val"]), _tail(trainer, plan))
+        progress.before = copy.deepcopy(flow.blocks[k].state_dict())
+        progress.before_factor, progress.before_nll = flow.steps_factors[k], nll if valid else None
+    flow.set_steps_factor(k, 1)
+    return progress
+
+
+def _no_better(trainer: JKOTrainer, plan: BlockPlan, cached: dict[str, Pushed], converged: bool) -> bool:
+    """Whether a block retrained from its weights (:func:`_first_phase` kept
+    them) ends no better than it began: not ``converged`` in its RK4 steps
+    (:func:`fits_its_steps`), or the validation NLL of the flow with it not
+    below the one with the block before (an unconverged block before is
+    beaten by any converged one). Early stopping compares the checks of the
+    last phase only, so a block whose steps were doubled is compared here."""
+    progress = trainer.block
+    if progress is None or progress.before is None:
+        return False
+    if not converged:
+        return True
+    if progress.before_nll is None:
+        return False
+    nll, _, _, _ = flow_nll(trainer, plan.index, check_rows(cached["val"]), _tail(trainer, plan))
+    return not nll < progress.before_nll
+
+
+def _put_back(trainer: JKOTrainer, block: Block, plan: BlockPlan) -> BlockPlan:
+    """Gives block ``plan.index`` its weights and step factor from before the
+    stage (:func:`_first_phase`); the plan with the train steps of that factor."""
+    progress = trainer.block
+    assert progress is not None and progress.before is not None
+    block.load_state_dict(progress.before)
+    trainer.flow.set_steps_factor(plan.index, progress.before_factor)
+    return dataclasses.replace(plan, train_steps=trainer.config.train_steps * progress.before_factor)
 
 
 def _converged(trainer: JKOTrainer, n: int) -> bool:
@@ -532,9 +613,12 @@ def fit_block(
     k, config = plan.index, trainer.config
     block = trainer.flow.blocks[k]
     judged = stage.kind in GROWING and plan.start == "new" and bool(stage.blocks) and config.gain_eps > 0
-    progress, trained, moved, change, error = _train_with_step_control(trainer, block, plan, cached, judged)
-    steps = trained.train_steps or config.train_steps
-    record = block_record(trainer, k, plan.h, cached, moved, progress, change, error, steps, plan.start)
+    trained = _train_with_step_control(trainer, block, plan, cached, judged)
+    steps, moved = trained.plan.train_steps or config.train_steps, trained.moved
+    record = block_record(
+        trainer, k, plan.h, cached, moved, trained.progress, trained.change, trained.error, steps, plan.start
+    )
+    record.put_back = trained.put_back
     stage.blocks.append(record)
     if stage.kind in GROWING:  # each prefix of a growing stage is a candidate
         consider(trainer, stage, record)
@@ -547,6 +631,7 @@ def fit_block(
             f"at {record.eval_steps} steps ({record.step_doubling_change:+.4f} at "
             f"{2 * record.eval_steps}, trained at {steps})  "
             f"({record.seconds:.1f} s)"
+            + ("  put back: no better than before the stage" if trained.put_back else "")
         )
     stop_if_interrupted(trainer)
     return moved

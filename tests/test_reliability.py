@@ -17,7 +17,7 @@ import torch
 import jkoflow
 import jkoflow.scheduler
 from jkoflow import InputError, JKOConfig, train_jko
-from jkoflow.checkpoint import load_state
+from jkoflow.checkpoint import FORMAT_VERSION, load_state
 from jkoflow.cli import main
 from jkoflow.errors import TrainingError
 from jkoflow.flow import Flow
@@ -223,11 +223,12 @@ def test_bad_checkpoint_files_give_one_line(data, tmp_path, reference):
     train_jko(*data, config=dataclasses.replace(CONFIG, reparam_iters=0, refine=()), checkpoint=good)
     payload = torch.load(good, weights_only=True)
     newer = tmp_path / "newer.pt"
-    torch.save({**payload, "version": 4}, newer)
+    torch.save({**payload, "version": FORMAT_VERSION + 1}, newer)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:300])
     reference[0].save(tmp_path / "flow.pt")
-    cases = {newer: "version 4; this jkoflow reads version 3; upgrade", truncated: "cannot read"}
+    upgrade = f"version {FORMAT_VERSION + 1}; this jkoflow reads version {FORMAT_VERSION}; upgrade"
+    cases = {newer: upgrade, truncated: "cannot read"}
     cases[tmp_path / "flow.pt"] = "is not a jkoflow training checkpoint"
     for path, match in cases.items():
         with pytest.raises(InputError, match=match) as info:
