@@ -344,6 +344,7 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
                     "train_steps",
                     "eval_steps",
                     "step_doublings",
+                    "put_back",
                 )
                 if key in b
             }

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
 
-from jkoflow import JKOConfig, JKOTrainer, datasets, integrate
+from jkoflow import JKOConfig, JKOHistory, JKOTrainer, datasets, integrate
 from jkoflow.metrics import step_doubling_change
 from jkoflow.run import summarize
 
@@ -169,6 +170,12 @@ def test_a_retrained_block_that_ends_unconverged_gets_its_weights_back(data):
     assert (put.val_nll, put.inversion_error) == (first[0].val_nll, first[0].inversion_error)
     assert kept.val_nll < first[1].val_nll - 0.05 and kept.inversion_error < RETRAINED.inversion_tol
     assert trainer.flow.steps_factors == (1, 1) and put.eval_steps == 2 and put.step_doublings == 0
+    saved = JKOHistory.from_dict(json.loads(json.dumps(trainer.history.to_dict())))
+    assert [b.put_back for b in saved.stages[1].blocks] == [True, False]
+    summary = summarize(trainer.flow, trainer.history, data[2], 0.0)
+    assert [b["put_back"] for b in summary["blocks"]] == [
+        b.put_back for b in trainer.history.selected_blocks()
+    ]
 
 
 def test_a_block_put_back_after_an_interruption_is_the_same(data, tmp_path):
