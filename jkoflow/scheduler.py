@@ -492,12 +492,12 @@ def _first_phase(trainer: JKOTrainer, plan: BlockPlan, cached: dict[str, Pushed]
     set to step factor 1. For a block a stage retrains from its weights
     (early stopping on), the progress keeps the block as it stands: its
     weights, its step factor and the validation NLL of the flow with it
-    (:func:`flow_nll` on :func:`check_rows` through the :func:`_tail`; None
-    when the block is not converged in its steps)."""
+    (:func:`_whole_flow_nll`; None when the block is not converged in its
+    steps)."""
     flow, k = trainer.flow, plan.index
     progress = BlockProgress(k)
     if plan.start != "new" and trainer.config.val_every:
-        nll, _, valid, _ = flow_nll(trainer, k, check_rows(cached["val"]), _tail(trainer, plan))
+        nll, valid = _whole_flow_nll(trainer, plan, cached)
         progress.before = copy.deepcopy(flow.blocks[k].state_dict())
         progress.before_factor, progress.before_nll = flow.steps_factors[k], nll if valid else None
     flow.set_steps_factor(k, 1)
@@ -518,8 +518,15 @@ def _no_better(trainer: JKOTrainer, plan: BlockPlan, cached: dict[str, Pushed], 
         return True
     if progress.before_nll is None:
         return False
-    nll, _, _, _ = flow_nll(trainer, plan.index, check_rows(cached["val"]), _tail(trainer, plan))
-    return not nll < progress.before_nll
+    return not _whole_flow_nll(trainer, plan, cached)[0] < progress.before_nll
+
+
+def _whole_flow_nll(trainer: JKOTrainer, plan: BlockPlan, cached: dict[str, Pushed]) -> tuple[float, bool]:
+    """The validation NLL an early-stopping check of block ``plan.index``
+    measures (:func:`flow_nll` on :func:`check_rows` through the
+    :func:`_tail`) and whether the block is converged in its steps there."""
+    nll, _, valid, _ = flow_nll(trainer, plan.index, check_rows(cached["val"]), _tail(trainer, plan))
+    return nll, valid
 
 
 def _put_back(trainer: JKOTrainer, block: Block, plan: BlockPlan) -> BlockPlan:

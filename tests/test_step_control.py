@@ -178,6 +178,21 @@ def test_a_retrained_block_that_ends_unconverged_gets_its_weights_back(data):
     ]
 
 
+def test_a_retrained_block_no_better_than_before_is_put_back(data):
+    # stage_lr 0.05 from two blocks at h0 2: block 1's retraining never beats
+    # the flow before it (its best check is the one before its first step),
+    # block 2's ends 0.17 nats lower
+    config = dataclasses.replace(RETRAINED, h0=2.0, stage_lr=0.05, step_doublings=2, inversion_tol=1e9)
+    trainer = JKOTrainer(*data, config=config)
+    first = trainer.grow().blocks
+    weights = copy.deepcopy(trainer.flow.blocks[0].state_dict())
+    put, kept = trainer.reparametrize(1)[0].blocks
+    assert put.put_back and put.step_doubling_change < config.step_tol and not kept.put_back
+    back = trainer.flow.blocks[0].state_dict()
+    assert all(torch.equal(back[name], value) for name, value in weights.items())
+    assert put.val_nll == first[0].val_nll and kept.val_nll < first[1].val_nll - 0.1
+
+
 def test_a_block_put_back_after_an_interruption_is_the_same(data, tmp_path):
     whole = JKOTrainer(*data, config=RETRAINED)
     whole.grow()
