@@ -244,3 +244,43 @@ def test_ablation_rows_follow_the_stages_and_the_selection(tmp_path):
     best = {r["row"]: r["test_nll"] for r in rows[:-1]}
     assert rows[-1]["test_nll"] in best.values() and rows[-1]["selected"]
     assert "| 8gaussians | + free block |" in (tmp_path / "ablation.md").read_text()
+
+
+def test_kl_regions_of_a_perfect_model_are_zero_and_its_rare_mass_the_quantile():
+    """A flow with no blocks is N(0, I): on a one-component mixture N(0, I) every
+    split of the KL is 0 and 1 % of its samples fall under the data's 1 % quantile."""
+    import numpy as np
+
+    from benchmarks.kl_regions import kl_regions
+    from jkoflow import Flow
+    from jkoflow.datasets.targets import GaussianMixture
+
+    standard = GaussianMixture(np.zeros((1, 3)), np.eye(3)[None], np.ones(1))
+    found = kl_regions(Flow(3, [], steps=2), standard, standard.sample(50_000, seed=0), n_samples=50_000)
+    assert abs(found.kl) < 1e-6 and max(map(abs, found.by_quantile + found.by_component)) < 1e-6
+    assert found.between == (0.0, 0.0)  # one component: every posterior is 1
+    assert found.rare_mass == pytest.approx(0.01, abs=0.002)  # sd of the estimate ≈ 6e-4
+
+
+def test_kl_regions_split_the_kl_of_a_gaussian_fit_to_a_mixture():
+    """N(0, I) against a two-component mixture: the splits are the means of
+    log p − log N over the points of each quintile, component and the mixed set."""
+    import numpy as np
+
+    from benchmarks.kl_regions import CLEAR_POSTERIOR, kl_regions
+    from jkoflow import Flow, datasets
+
+    gmm = datasets.target("gmm:d=2,k=2,seed=1")
+    x = gmm.sample(5000, seed=2)
+    found = kl_regions(Flow(2, [], steps=2), gmm, x, n_samples=4000)
+    r = gmm.log_prob(x) + 0.5 * (x**2).sum(1) + np.log(2 * np.pi)
+    assert found.kl == pytest.approx(r.mean(), abs=1e-5)
+    order = np.argsort(gmm.log_prob(x))
+    assert found.by_quantile == pytest.approx(
+        [r[order[i * 1000 : (i + 1) * 1000]].mean() for i in range(5)], abs=1e-5
+    )
+    joint = gmm.joint_log_probs(x)
+    assert found.by_component == pytest.approx([r[joint.argmax(1) == j].mean() for j in range(2)], abs=1e-5)
+    mixed = np.exp(joint - gmm.log_prob(x)[:, None]).max(1) < CLEAR_POSTERIOR
+    assert found.between == pytest.approx((mixed.mean(), r[mixed].mean()), abs=1e-5)
+    assert 0 < found.between[0] < 1 and found.kl > 0.1

@@ -98,6 +98,21 @@ def test_gmm_log_prob_of_one_component_is_the_gaussian():
     np.testing.assert_allclose(gmm.log_prob(x), expected, rtol=1e-12)
 
 
+def test_gmm_joint_log_probs_are_each_weighted_gaussian():
+    """Column j is log w_j + log N(x; μ_j, Σ_j) by the inverse and log-determinant
+    of Σ_j; their logsumexp is log_prob."""
+    gmm = target("gmm:d=3,k=4,seed=5")
+    x = gmm.sample(7, seed=1)
+    joint = gmm.joint_log_probs(x)
+    assert joint.shape == (7, 4)
+    for j, (mean, chol, w) in enumerate(zip(gmm.means, gmm.chols, gmm.weights, strict=True)):
+        cov, diff = chol @ chol.T, x - mean
+        expected = math.log(w) - 0.5 * np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff)
+        expected -= 0.5 * np.linalg.slogdet(2 * math.pi * cov)[1]
+        np.testing.assert_allclose(joint[:, j], expected, rtol=1e-12)
+    np.testing.assert_allclose(np.log(np.exp(joint).sum(axis=1)), gmm.log_prob(x), rtol=1e-12)
+
+
 def test_banana_moments():
     x = Banana(dim=4, b=0.25).sample(400_000, seed=1)
     np.testing.assert_allclose(x.mean(0), 0.0, atol=0.02)

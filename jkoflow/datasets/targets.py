@@ -129,7 +129,9 @@ class GaussianMixture:
         eps = rng.standard_normal((n, self.dim))
         return self.means[idx] + np.einsum("nij,nj->ni", self.chols[idx], eps)
 
-    def log_prob(self, x: np.ndarray) -> np.ndarray:
+    def joint_log_probs(self, x: np.ndarray) -> np.ndarray:
+        """log(w_j N(x; μ_j, Σ_j)) for x (n, d): (n, k); their logsumexp over j is
+        :meth:`log_prob`, their softmax the components' posterior."""
         x = _rows(x, self.dim)
         d = self.dim
         parts = []
@@ -137,7 +139,10 @@ class GaussianMixture:
             y = np.linalg.solve(chol, (x - mean).T)  # L⁻¹(x − μ), (d, n)
             log_det = np.log(np.diag(chol)).sum()
             parts.append(math.log(w) - 0.5 * (y**2).sum(axis=0) - log_det - 0.5 * d * LOG_2PI)
-        return _logsumexp(np.stack(parts, axis=1), axis=1)
+        return np.stack(parts, axis=1)
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        return _logsumexp(self.joint_log_probs(x), axis=1)
 
 
 @dataclass(frozen=True)
