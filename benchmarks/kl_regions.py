@@ -37,7 +37,7 @@ from jkoflow.errors import InputError
 from jkoflow.flow import Flow
 from jkoflow.run import RunFiles, load_data
 
-__all__ = ["CLEAR_POSTERIOR", "KLRegions", "kl_regions", "main", "rare_mass"]
+__all__ = ["CLEAR_POSTERIOR", "KLRegions", "kl_regions", "main", "markdown", "rare_mass", "run_regions"]
 
 CLEAR_POSTERIOR = 0.99
 """A point is *between* components when no component's posterior reaches this."""
@@ -131,7 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(markdown({run: run_regions(run, args.samples) for run in args.runs}), end="")
+    try:
+        rows = {run: run_regions(run, args.samples) for run in args.runs}
+    except InputError as error:  # a missing, unfinished or unknown-density run: one line
+        print(f"kl_regions: {error}", file=sys.stderr)
+        return 2
+    print(markdown(rows), end="")
     return 0
 
 

@@ -284,3 +284,22 @@ def test_kl_regions_split_the_kl_of_a_gaussian_fit_to_a_mixture():
     mixed = np.exp(joint - gmm.log_prob(x)[:, None]).max(1) < CLEAR_POSTERIOR
     assert found.between == pytest.approx((mixed.mean(), r[mixed].mean()), abs=1e-5)
     assert 0 < found.between[0] < 1 and found.kl > 0.1
+
+
+def test_kl_regions_refuses_a_run_it_cannot_read_in_one_line(tmp_path, capsys):
+    """A missing run directory and a run on data without a known density: exit 2, one line each."""
+    import json
+
+    from benchmarks.kl_regions import main
+
+    assert main([str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"kl_regions: run directory not found: {tmp_path / 'missing'}"
+    ]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": {"name": "moons"}}))
+    (run / "flow.pt").write_bytes(b"")
+    assert main([str(run)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"kl_regions: {run}: its data 'moons' have no known density"
