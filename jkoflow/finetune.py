@@ -18,7 +18,9 @@ There is no W2 term; what keeps the blocks regular is that the stage starts
 from the JKO solution at a small learning rate and that early stopping
 (:class:`~jkoflow.loop.Plateau`) keeps the weights of the best *valid*
 check of the whole flow's validation NLL, valid meaning every block's
-step-doubling change below ``step_tol``. The fine-tuned flow is a candidate
+step-doubling change below ``step_tol``; where a check is not, the blocks
+over it train on at doubled RK4 steps (:func:`_train_with_step_control`).
+The fine-tuned flow is a candidate
 like any stage's: the run keeps it only where its validation NLL is lower.
 
 Reference: Onken et al., OT-Flow (https://arxiv.org/abs/2006.00104) train
@@ -29,6 +31,7 @@ follows with a short end-to-end pass.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -44,7 +47,7 @@ from . import distributed
 from .checkpoint import BlockProgress
 from .compiling import training_stepper
 from .config import VALIDATION_ROWS, JKOConfig
-from .loop import Plateau
+from .loop import Plateau, valid_check
 from .objectives import gaussian_log_prob
 from .ode import Stepper, integrate, rk4_step
 from .placement import Placement
@@ -155,25 +158,66 @@ def wants_finetune(config: JKOConfig, last_stage: str | None) -> bool:
 
 
 def _plateau(
-    trainer: JKOTrainer, tuned: nn.Module, plan: BlockPlan, progress: BlockProgress, val: Pushed
+    trainer: JKOTrainer,
+    tuned: nn.Module,
+    plan: BlockPlan,
+    progress: BlockProgress,
+    val: Pushed,
+    failed: set[int],
 ) -> list[Plateau]:
     """Early stopping on the whole flow's validation NLL (first
     :data:`~jkoflow.config.VALIDATION_ROWS` rows); a check is valid when every
-    fine-tuned block's step-doubling change is below ``step_tol``."""
+    fine-tuned block's step-doubling change is below ``step_tol``. Each check
+    leaves in ``failed`` the blocks whose change was not."""
     config = trainer.config
     if not config.val_every:
         return []
     rows = val.head(min(len(val.x), VALIDATION_ROWS))
 
     def val_nll() -> tuple[float, float, bool]:
-        pushed, valid = rows, True
+        pushed = rows
+        failed.clear()
         with torch.no_grad():
             for k in range(plan.index, len(trainer.flow)):
                 pushed, ok = push_checked(trainer, k, pushed)
-                valid = valid and ok
-        return (*pushed.nll_with_stderr(), valid)
+                if not ok:
+                    failed.add(k)
+        return (*pushed.nll_with_stderr(), not failed)
 
     return [Plateau(progress, tuned, config.val_every, config.patience, plan.iters, val_nll)]
+
+
+def _train_with_step_control(
+    trainer: JKOTrainer, objective: JointObjective, plan: BlockPlan, cached: dict[str, Pushed]
+) -> BlockProgress:
+    """Trains the blocks of ``objective`` jointly on ``plan``; while an
+    early-stopping check finds blocks fitting their RK4 discretisation (the
+    phase then stops there and puts back the weights of the best converged
+    check) and ``step_doublings`` allow (train steps up to
+    ``train_steps·2^step_doublings``), doubles those blocks' train and eval
+    steps and trains on for a quarter of ``plan.iters`` more steps (the cosine
+    stretched to the new total), as the block step control
+    (:func:`jkoflow.scheduler.fit_block`) does. Joint steps at a learning rate
+    that sharpens the map outrun a coarse RK4 map first; at finer steps they
+    go on lowering the NLL of the model instead of stopping."""
+    flow, config, first = trainer.flow, trainer.config, plan.index
+    cap, failed = config.train_steps * 2**config.step_doublings, set()
+
+    def plateau(progress: BlockProgress) -> list[Plateau]:
+        return _plateau(trainer, objective.nll, plan, progress, cached["val"], failed)
+
+    while True:
+        progress = run_loop(trainer, objective.nll, objective, plan, plateau, "fine-tuning")
+        diverted = bool(progress.checks) and not valid_check(progress.checks[-1])
+        grow = sorted(k for k in failed if objective.steps[k - first] < cap)
+        if not diverted or not grow or trainer.budget.done():
+            return progress
+        for k in grow:
+            flow.set_steps_factor(k, 2 * flow.steps_factors[k])
+            objective.steps[k - first] *= 2
+        plan = dataclasses.replace(plan, iters=plan.iters + max(1, plan.iters // 4))
+        objective.iters = progress.iters = plan.iters
+        progress.checks, progress.best = [], None  # the next phase is judged at its own, finer steps
 
 
 def _push_converged(
@@ -224,6 +268,8 @@ def fit_joint(
     flow, config, first = trainer.flow, trainer.config, plan.index
     if trainer.block is None or trainer.block.index != first:  # not resumed: its factors are in the flow
         _refine_near_tolerance(trainer, first)
+    elif trainer.block.iters:  # resumed in a phase the step control extended
+        plan = dataclasses.replace(plan, iters=trainer.block.iters)
     blocks = list(flow.blocks[first:])
     steps = [config.train_steps * f for f in flow.steps_factors[first:]]
     for block in blocks:  # before DistributedDataParallel, which needs trainable parameters
@@ -239,11 +285,7 @@ def fit_joint(
         lambda: trainer.budget.batches,
     )
     tuned = objective.nll  # the blocks, as one module
-
-    def plateau(progress: BlockProgress) -> list[Plateau]:
-        return _plateau(trainer, tuned, plan, progress, cached["val"])
-
-    progress = run_loop(trainer, tuned, objective, plan, plateau, "fine-tuning")
+    progress = _train_with_step_control(trainer, objective, plan, cached)
     tuned.requires_grad_(False)
     tick, pushes, measures = time.perf_counter(), [cached], []
     for k in range(first, len(flow)):

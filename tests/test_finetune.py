@@ -103,6 +103,39 @@ def test_the_pipeline_ends_with_fine_tuning_and_resumes_in_it_exactly(data, tmp_
     assert numbers[0] == numbers[1]
 
 
+SHARPENING = dataclasses.replace(CONFIG, finetune_iters=80, finetune_lr=0.1, checkpoint_every=5)
+"""A fine-tuning whose joint steps outrun the blocks' 2 RK4 steps: before the
+step control it stopped at its first check, keeping the flow it began with."""
+
+
+def test_a_fine_tuning_that_outruns_its_rk4_steps_trains_on_at_doubled_steps(data):
+    trainer = JKOTrainer(*data, config=SHARPENING)
+    trainer.grow()
+    before = trainer.history.stages[0].blocks[-1]
+    stage = trainer.run_stage("finetune")
+    doubled = [k for k, f in enumerate(trainer.flow.steps_factors) if f > 1]
+    assert doubled and stage.n_batches > SHARPENING.finetune_iters  # trained on, for more steps
+    assert [b.train_steps for b in stage.blocks] == [
+        SHARPENING.train_steps * f for f in trainer.flow.steps_factors
+    ]
+    assert all(abs(b.step_doubling_change) < SHARPENING.step_tol for b in stage.blocks)
+    assert stage.blocks[-1].val_nll < before.val_nll - 0.2  # the sharper flow is the model's
+    assert stage.blocks[-1].val_nll == pytest.approx(float(nll(trainer.flow, data[1])), abs=1e-5)
+
+
+def test_a_fine_tuning_resumes_exactly_in_a_phase_at_doubled_steps(data, tmp_path):
+    config = dataclasses.replace(SHARPENING, max_blocks=2)
+    _, history = train_jko(*data, config=config)
+    total = history.stages[-1].n_batches
+    assert total > config.finetune_iters
+    resumed = stop_and_resume(data, config, tmp_path / "run.pt", stage=1, it=total - 3)  # the last phase
+    assert [r["loss"] for r in resumed.iterations] == [r["loss"] for r in history.iterations]
+    numbers = [
+        [(b.val_nll, b.train_steps, b.n_batches) for b in h.stages[-1].blocks] for h in (resumed, history)
+    ]
+    assert numbers[0] == numbers[1]
+
+
 def test_bad_fine_tuning_settings_are_refused():
     with pytest.raises(InputError, match="finetune_iters"):
         JKOConfig(finetune_iters=-1)
