@@ -260,7 +260,9 @@ def fit_joint(
     trainer: JKOTrainer, stage: StageRecord, plan: BlockPlan, cached: dict[str, Pushed]
 ) -> dict[str, Pushed]:
     """Trains blocks ``plan.index`` … L−1 of the flow jointly on the NLL for
-    ``plan.iters`` Adam steps (samples ``cached``: the data pushed through
+    ``plan.iters`` Adam steps, more where the step control
+    (:func:`_train_with_step_control`) doubles blocks' RK4 steps (samples
+    ``cached``: the data pushed through
     the frozen blocks before them), freezes them, pushes every set through
     them, appends a record per block to ``stage`` (the stage's steps and
     seconds on the last one), writes a checkpoint and returns the samples
