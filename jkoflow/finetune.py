@@ -53,7 +53,16 @@ from .ode import Stepper, integrate, rk4_step
 from .placement import Placement
 from .records import StageRecord
 from .samples import Pushed
-from .scheduler import block_record, fits_its_steps, push_checked, push_rest, run_loop, stop_if_interrupted
+from .scheduler import (
+    block_record,
+    finest_train_steps,
+    fits_its_steps,
+    next_phase,
+    push_checked,
+    push_rest,
+    run_loop,
+    stop_if_interrupted,
+)
 from .stages import BlockPlan
 
 if TYPE_CHECKING:
@@ -200,8 +209,8 @@ def _train_with_step_control(
     (:func:`jkoflow.scheduler.fit_block`) does. Joint steps at a learning rate
     that sharpens the map outrun a coarse RK4 map first; at finer steps they
     go on lowering the NLL of the model instead of stopping."""
-    flow, config, first = trainer.flow, trainer.config, plan.index
-    cap, failed = config.train_steps * 2**config.step_doublings, set()
+    flow, first, failed = trainer.flow, plan.index, set()
+    cap = finest_train_steps(trainer.config)
 
     def plateau(progress: BlockProgress) -> list[Plateau]:
         return _plateau(trainer, objective.nll, plan, progress, cached["val"], failed)
@@ -215,9 +224,8 @@ def _train_with_step_control(
         for k in grow:
             flow.set_steps_factor(k, 2 * flow.steps_factors[k])
             objective.steps[k - first] *= 2
-        plan = dataclasses.replace(plan, iters=plan.iters + max(1, plan.iters // 4))
-        objective.iters = progress.iters = plan.iters
-        progress.checks, progress.best = [], None  # the next phase is judged at its own, finer steps
+        plan = next_phase(plan, progress)
+        objective.iters = plan.iters
 
 
 def _push_converged(
@@ -298,7 +306,7 @@ def fit_joint(
     for j, (change, error) in enumerate(measures):
         spent = progress if j == len(measures) - 1 else None  # the stage's steps, on its last record
         record = block_record(
-            trainer, first + j, None, pushes[j], pushes[j + 1], spent, change, error, steps[j]
+            trainer, first + j, None, pushes[j], pushes[j + 1], spent, change, error, objective.steps[j]
         )
         stage.blocks.append(record)
     trainer.block = None

@@ -25,7 +25,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import torch
 from torch import Tensor
@@ -472,7 +472,7 @@ def _train_with_step_control(
             valid or (judged and is_idle(relative_movement(cached["val"].x, val.x), progress.checks, config))
         )
         steps = plan.train_steps or config.train_steps
-        if fits or trainer.budget.done() or steps >= config.train_steps * 2**config.step_doublings:
+        if fits or trainer.budget.done() or steps >= finest_train_steps(config):
             put_back = _no_better(trainer, plan, cached, converged)
             if put_back:
                 plan = _put_back(trainer, block, plan)
@@ -480,11 +480,27 @@ def _train_with_step_control(
             moved = push_rest(trainer, k, cached, val)
             progress.seconds += time.perf_counter() - start
             return Trained(progress, plan, moved, change, error, put_back)
-        plan = dataclasses.replace(plan, train_steps=2 * steps, iters=plan.iters + max(1, plan.iters // 4))
-        progress.train_steps, progress.iters = plan.train_steps, plan.iters
-        progress.checks, progress.best = [], None  # the next phase is judged at its own, finer steps
+        plan = next_phase(plan, progress, train_steps=2 * steps)
+        progress.train_steps = plan.train_steps
         flow.set_steps_factor(k, 2 * flow.steps_factors[k])
         progress.seconds += time.perf_counter() - start
+
+
+def finest_train_steps(config: JKOConfig) -> int:
+    """The most RK4 train steps a step control gives a block:
+    ``train_steps·2^step_doublings``."""
+    return config.train_steps * 2**config.step_doublings
+
+
+def next_phase(plan: BlockPlan, progress: BlockProgress, **changes: Any) -> BlockPlan:
+    """The plan of the training phase a step control starts after doubling RK4
+    steps: ``plan`` with ``changes`` and a quarter of its Adam steps more (the
+    cosine schedule stretched to the new total, so it resumes at a low
+    learning rate); ``progress`` records the new total and forgets its checks,
+    so the phase is judged at its own, finer steps."""
+    plan = dataclasses.replace(plan, iters=plan.iters + max(1, plan.iters // 4), **changes)
+    progress.iters, progress.checks, progress.best = plan.iters, [], None
+    return plan
 
 
 def _first_phase(trainer: JKOTrainer, plan: BlockPlan, cached: dict[str, Pushed]) -> BlockProgress:
