@@ -125,6 +125,11 @@ class OTFlowBlock(PotentialBlock):
     backward recursion and the trace in O(m²·d) per sample by carrying the
     Jacobian ∇_x u_i forward. Autograd is only used for parameter gradients.
 
+    The forward is tensor algebra and two hand-written autograd Functions
+    (no ``torch.autograd.grad``), so the block is :attr:`compilable`: a
+    compiled training step takes 29 ms instead of 55 ms at d = 8, width 32,
+    depth 1, batch 1024, 4 RK4 steps, 1 thread (docs/benchmarks.md).
+
     Arguments:
         dim: State dimension d.
         width: Hidden width m of the ResNet N.
@@ -142,6 +147,8 @@ class OTFlowBlock(PotentialBlock):
         | OT-Flow: Fast and Accurate Continuous Normalizing Flows via Optimal Transport (Onken et al., 2021)
         | https://arxiv.org/abs/2006.00104
     """
+
+    compilable = True
 
     def __init__(self, dim: int, width: int = 32, depth: int = 2, rank: int | None = None) -> None:
         super().__init__()

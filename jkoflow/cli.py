@@ -71,7 +71,7 @@ TRAIN_HELP = {
     "standardize": "standardise the data (NLL is still reported in data space)",
     "chunk_size": "rows per chunk when pushing and evaluating",
     "cache_device": "where cached pushed samples live: auto (device if they fit), device, host",
-    "compile": "torch.compile the training RK4 step: auto (mlp blocks, --iters >= 300), on, off",
+    "compile": "torch.compile the training RK4 step: auto (compilable blocks, --iters >= 300), on, off",
     "device": "torch device: cpu, cuda, cuda:N (with torchrun, cuda means cuda:LOCAL_RANK)",
     "dtype": "float32 or float64",
 }
@@ -99,7 +99,7 @@ OTFLOW_HELP = {
     "eval_steps": "RK4 steps for validation, NLL and sampling (preset per toy)",
     "standardize": "standardise the data (NLL is still reported in data space)",
     "chunk_size": "rows per chunk when evaluating",
-    "compile": "torch.compile the training RK4 step: auto (mlp blocks, --iters >= 300), on, off",
+    "compile": "torch.compile the training RK4 step: auto (compilable blocks, --iters >= 300), on, off",
     "device": "torch device: cpu, cuda, cuda:N",
     "dtype": "float32 or float64",
 }

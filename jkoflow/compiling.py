@@ -12,7 +12,9 @@ the compiled code then serves every block of that architecture, every RK4 step
 and every step count.
 
 Only blocks whose :attr:`~blocks.Block.compilable` is true (their forward
-is plain tensor algebra, as the ``mlp`` block's closed-form divergence) are
+is plain tensor algebra: the ``mlp`` block's closed-form divergence, the
+``otflow`` block's trace recursion with its hand-written autograd Functions,
+29 ms instead of 55 ms per step at d = 8) are
 compiled. A compilation that fails (no C++ compiler, an unsupported
 platform) warns once and trains on eagerly: the numbers are the same to
 rounding either way. Evaluation, pushing and sampling stay eager.
@@ -21,7 +23,7 @@ Example:
     >>> import blocks
     >>> from jkoflow.compiling import training_stepper
     >>> from jkoflow.ode import rk4_step
-    >>> training_stepper(blocks.make("otflow", dim=2), "auto", iters=1200) is rk4_step  # not compilable
+    >>> training_stepper(blocks.make("mlp", dim=2, hutchinson=True), "auto", iters=1200) is rk4_step
     True
     >>> training_stepper(blocks.make("mlp", dim=2), "auto", iters=20) is rk4_step  # too short to pay
     True

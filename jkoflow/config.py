@@ -231,7 +231,7 @@ class TrainingConfig:
     ``max_seconds`` of optimisation (0: no limit).
 
     Compilation (:mod:`jkoflow.compiling`): ``compile="auto"`` trains
-    compilable blocks (``mlp``) with a :func:`torch.compile`-d RK4 step when
+    compilable blocks (``mlp``, ``otflow``) with a :func:`torch.compile`-d RK4 step when
     ``iters`` ≥ :data:`~jkoflow.compiling.COMPILE_MIN_ITERS` and
     ``max_seconds`` is 0 or at least
     :data:`~jkoflow.compiling.COMPILE_MIN_SECONDS` (about 2× faster steps on

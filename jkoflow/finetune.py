@@ -134,7 +134,7 @@ class JointObjective:
         self.batch = config.batch_for(len(x))
         compilable = all(block.compilable for block in blocks)
         mode = config.compile if compilable else "off"
-        stepper = training_stepper(blocks[0], mode, config.iters, config.max_seconds)
+        stepper = training_stepper(blocks[0], mode, iters, config.max_seconds)  # this stage's steps
         self.nll = JointNLL(blocks, stepper)
         self.parallel = distributed.data_parallel(self.nll, placement.group, placement.device, self.nll)
 

@@ -24,7 +24,8 @@ from jkoflow.ode import rk4_step
         ("mlp", {}, "on", 1, True),
         ("mlp", {}, "off", 10_000, False),
         ("mlp", {"hutchinson": True}, "auto", 10_000, False),
-        ("otflow", {}, "auto", 10_000, False),
+        ("otflow", {}, "auto", COMPILE_MIN_ITERS, True),
+        ("otflow", {}, "off", 10_000, False),
     ],
 )
 def test_which_blocks_are_compiled(kind, options, mode, iters, compiled):
@@ -37,40 +38,62 @@ def test_which_blocks_are_compiled(kind, options, mode, iters, compiled):
 
 def test_compile_on_refuses_a_block_it_cannot_compile():
     with pytest.raises(InputError, match="compilable"):
-        training_stepper(blocks.make("otflow", dim=2, width=8), "on", 10)
+        training_stepper(blocks.make("mlp", dim=2, width=8, hutchinson=True), "on", 10)
     with pytest.raises(InputError, match="compile must be one of"):
         jkoflow.JKOConfig(compile="yes")
 
 
-def test_time_slices_of_an_mlp_block_are_compilable():
-    parent = blocks.make("mlp", dim=2, width=8)
-    assert all(piece.compilable for piece in blocks.time_slices(parent, 2))
-    assert not any(piece.compilable for piece in blocks.time_slices(blocks.make("otflow", dim=2), 2))
+def test_time_slices_are_compilable_where_their_parent_is():
+    for kind in ("mlp", "otflow"):
+        assert all(piece.compilable for piece in blocks.time_slices(blocks.make(kind, dim=2), 2))
+    hutchinson = blocks.make("mlp", dim=2, hutchinson=True)
+    assert not any(piece.compilable for piece in blocks.time_slices(hutchinson, 2))
 
 
-def _trained_block() -> blocks.Block:
+def _trained_block(kind: str = "mlp") -> blocks.Block:
     torch.manual_seed(0)
-    block = blocks.make("mlp", dim=2, width=8, depth=1)
+    block = blocks.make(kind, dim=2, width=8, depth=1)
     with torch.no_grad():
         for p in block.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return block
 
 
-def test_the_compiled_step_computes_the_eager_loss_and_gradients():
-    block, x = _trained_block(), torch.randn(64, 2)
+@pytest.mark.parametrize("kind", ["mlp", "otflow"])
+def test_the_compiled_step_computes_the_eager_loss_and_gradients(kind):
+    block, x = _trained_block(kind), torch.randn(64, 2)
     results = []
     for stepper in (rk4_step, CompiledStep()):
         block.zero_grad()
         terms = jko_loss(block, x, 5.0, 3, stepper=stepper)
         terms.loss.backward()
-        results.append((terms, [p.grad.clone() for p in block.parameters()]))
+        results.append((terms, [p.grad for p in block.parameters() if p.grad is not None]))
     (eager, eager_grads), (compiled, compiled_grads) = results
     for a, b in zip(eager, compiled, strict=True):
         assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-5, abs=1e-6)
     for a, b in zip(eager_grads, compiled_grads, strict=True):
         assert float((a - b).abs().max()) <= 1e-4 * (1 + float(a.abs().max()))
     assert float(eager.kl.detach()) != 0 and float(eager.transport.detach()) > 0
+
+
+def test_the_compiled_otflow_step_matches_eager_in_float64_with_the_hjb_term():
+    """The OT-Flow baseline's step (HJB residual included) through the hand-written
+    autograd Functions of the trace: compiled = eager to float64 rounding."""
+    block, x = _trained_block("otflow").double(), torch.randn(32, 2, dtype=torch.float64)
+    results = []
+    for stepper in (rk4_step, CompiledStep()):
+        block.zero_grad()
+        out = jkoflow.integrate(block, x, 3, hjb=True, stepper=stepper)
+        (out.z.square().sum(1) - out.logdet + out.kinetic + out.hjb).mean().backward()
+        results.append((out, [p.grad for p in block.parameters() if p.grad is not None]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert stepper.fallback is None
+    for a, b in zip(eager, compiled, strict=True):
+        a, b = a.detach(), b.detach()
+        assert float((a - b).abs().max()) <= 1e-12 * (1 + float(a.abs().max()))
+    for a, b in zip(eager_grads, compiled_grads, strict=True):
+        assert float((a - b).abs().max()) <= 1e-12 * (1 + float(a.abs().max()))
+    assert float(eager.hjb.abs().max()) > 0.01 and len(eager_grads) == 7
 
 
 def test_a_failed_compilation_warns_once_and_trains_eagerly():
