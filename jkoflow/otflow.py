@@ -32,7 +32,7 @@ from torch import Tensor
 import blocks
 
 from .checkpoint import BlockProgress, TrainerState, data_fingerprint, load_state, save_state
-from .compiling import training_stepper
+from .compiling import stepper_at, training_stepper
 from .config import TrainingConfig, check_positive, config_from_dict, resume_config
 from .errors import InputError, TrainingError
 from .flow import Flow, as_data_tensor
@@ -232,6 +232,7 @@ class _OTFlowObjective:
         config: OTFlowConfig,
         generator: torch.Generator,
         validation: _Validation,
+        step: Callable[[], int],
     ) -> None:
         self.block, self.x, self.config, self.generator, self.validation = (
             block,
@@ -240,6 +241,7 @@ class _OTFlowObjective:
             generator,
             validation,
         )
+        self.step = step  # mini-batches taken so far
         self.stepper = training_stepper(block, config.compile, config.iters, config.max_seconds)
 
     def lr(self, it: int, scale: float) -> float:
@@ -251,7 +253,12 @@ class _OTFlowObjective:
         batch = config.batch_for(len(self.x))
         index = torch.randint(len(self.x), (batch,), generator=self.generator).to(self.x.device)
         terms = otflow_loss(
-            self.block, self.x[index], config.train_steps, config.alpha_c, config.alpha_r, self.stepper
+            self.block,
+            self.x[index],
+            config.train_steps,
+            config.alpha_c,
+            config.alpha_r,
+            stepper_at(self.stepper, self.step()),
         )
         return terms.loss, terms._asdict()
 
@@ -408,7 +415,9 @@ class _OTFlowRun:
             Bar(self.progress, config.iters, "OT-Flow", show, lambda step: self.validation.shown),
             Checkpoints(self.progress, config.iters, config.checkpoint_every, rollback, self.save),
         ]
-        objective = _OTFlowObjective(self.block, self.x_train, config, self.generator, self.validation)
+        objective = _OTFlowObjective(
+            self.block, self.x_train, config, self.generator, self.validation, lambda: self.progress.iter
+        )
         optimize(objective, self.optimizer, self.progress, config.iters, rollback, hooks)
         history.stopped_by = (
             "lr_drops" if self.validation.done() else "max_seconds" if self.budget.done() else "iters"

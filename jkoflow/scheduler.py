@@ -35,7 +35,7 @@ from blocks import Block, time_slices
 
 from . import distributed
 from .checkpoint import BlockProgress
-from .compiling import EAGER_BATCHES, training_stepper
+from .compiling import stepper_at, training_stepper
 from .config import VALIDATION_ROWS, JKOConfig
 from .errors import TrainingError
 from .loop import (
@@ -53,7 +53,7 @@ from .loop import (
     valid_check,
 )
 from .objectives import JKOLoss, jko_loss
-from .ode import Stepper, rk4_step
+from .ode import Stepper
 from .placement import Placement
 from .records import GROWING, BlockRecord, JKOHistory, Selection, StageRecord, movement_spread
 from .samples import Pushed
@@ -121,7 +121,7 @@ class JKOObjective:
         :data:`~jkoflow.compiling.EAGER_BATCHES` mini-batches (the first
         early-stopping check comes at eager speed, not after a compilation
         of 15–25 s), then ``self.stepper``."""
-        return self.stepper if self.step() >= EAGER_BATCHES else rk4_step
+        return stepper_at(self.stepper, self.step())
 
     def loss(self) -> tuple[Tensor, dict[str, Tensor]]:
         config, x = self.config, self.x

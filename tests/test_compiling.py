@@ -135,3 +135,25 @@ def test_a_run_takes_its_first_mini_batches_eagerly():
     assert objective.current_stepper() is rk4_step
     taken[0] = EAGER_BATCHES
     assert objective.current_stepper() is objective.stepper
+
+
+def test_the_otflow_baseline_takes_its_first_mini_batches_eagerly(monkeypatch):
+    """Like a JKO run, the baseline compiles only after EAGER_BATCHES steps, so
+    the first point of its validation curve is not delayed by the compilation."""
+    from jkoflow import otflow
+    from jkoflow.compiling import EAGER_BATCHES
+
+    used = []
+    real = otflow.otflow_loss
+
+    def recording(block, x, steps, alpha_c, alpha_r, stepper):
+        used.append(stepper)
+        return real(block, x, steps, alpha_c, alpha_r)
+
+    monkeypatch.setattr(otflow, "otflow_loss", recording)
+    torch.manual_seed(0)
+    data = torch.randn(256, 2)
+    config = jkoflow.OTFlowConfig(width=4, iters=EAGER_BATCHES + 3, batch_size=32, val_every=50, compile="on")
+    jkoflow.train_otflow(data, data[:64], config=config)
+    assert used[:EAGER_BATCHES] == [rk4_step] * EAGER_BATCHES
+    assert len(used) == EAGER_BATCHES + 3 and all(isinstance(s, CompiledStep) for s in used[EAGER_BATCHES:])
