@@ -1,7 +1,8 @@
 r"""(e) The compiled RK4 step (:mod:`jkoflow.compiling`) on one JKO training step.
 
 Times one training step (``jko_loss`` + backward + Adam, JKOConfig defaults:
-the ``mlp`` block at its default depth) with the eager
+the block ``auto`` picks at each dimension of ``dims``, at its default
+depth: ``mlp`` at d = 2, ``otflow`` at d = 8) with the eager
 :func:`jkoflow.ode.rk4_step` and with the :class:`jkoflow.compiling.CompiledStep`
 that ``compile="auto"`` trains with: the first compiled step (compilation,
 or loading torch's on-disk cache), the median step after it, and the first
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -27,12 +29,13 @@ from .common import BATCH, Column, Table, interleaved_medians
 __all__ = ["SIZES", "run"]
 
 SIZES = {
-    "full": {"dim": 2, "repeats": 10},
-    "quick": {"dim": 2, "repeats": 3},
-    "smoke": {"dim": 2, "repeats": 1, "width": 4, "batch": 16},
+    "full": {"dims": (2, 8), "repeats": 10},
+    "quick": {"dims": (2, 8), "repeats": 3},
+    "smoke": {"dims": (2, 8), "repeats": 1, "width": 4, "batch": 16},
 }
 
 COLUMNS = [
+    Column("block", "block"),
     Column("variant", "variant"),
     Column("first_step_s", "first step s", ".2f"),
     Column("ms_per_step", "ms / step after it", ".1f"),
@@ -65,15 +68,30 @@ def _first(step: Callable[[], None]) -> float:
 
 
 def run(
-    dim: int = 2,
+    dims: tuple[int, ...] = (2, 8),
     width: int | None = None,
     batch: int | None = None,
     repeats: int = 10,
     backend: str = "inductor",
 ) -> Table:
-    """Times eager and compiled training steps; ``backend`` is torch.compile's (tests use "eager")."""
+    """Times eager and compiled training steps of the ``auto`` block at each
+    dimension of ``dims``; ``backend`` is torch.compile's (tests use "eager")."""
     config = JKOConfig()
     width, batch = width or config.width, batch or BATCH
+    title = f"(e) the compiled RK4 step ({backend}) on one JKO training step (width {width}, batch {batch})"
+    table = Table("compile", title, COLUMNS)
+    for dim in dims:
+        table.rows.extend(_rows(dim, width, batch, repeats, backend, config))
+    table.notes = [
+        f"{torch.get_num_threads()} torch thread(s), float32, {config.train_steps} RK4 steps, median of "
+        f"{repeats} steps (round-robin). 'steps to pay back': (first step − median) / (eager − median).",
+    ]
+    return table
+
+
+def _rows(
+    dim: int, width: int, batch: int, repeats: int, backend: str, config: JKOConfig
+) -> list[dict[str, Any]]:
     x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(0))
     eager = _step(_make(dim, width, config, 0), x, config, rk4_step)
     compiled = _step(_make(dim, width, config, 0), x, config, CompiledStep(backend))
@@ -83,16 +101,14 @@ def run(
     seconds = interleaved_medians(
         {"eager": eager, "compiled": compiled, "compiled, new block": second}, repeats
     )
-    title = (
-        f"(e) the compiled RK4 step ({backend}) on one JKO training step "
-        f"(d = {dim}, width {width}, batch {batch})"
-    )
-    table = Table("compile", title, COLUMNS)
+    block = f"{config.block_type(0, dim)}, d = {dim}"
+    rows = []
     for name, median in seconds.items():
         saved = seconds["eager"] - median
         extra = first[name] - median
-        table.rows.append(
+        rows.append(
             {
+                "block": block,
                 "variant": name,
                 "first_step_s": first[name],
                 "ms_per_step": 1e3 * median,
@@ -100,8 +116,4 @@ def run(
                 "break_even_steps": extra / saved if name != "eager" and saved > 0 else None,
             }
         )
-    table.notes = [
-        f"{torch.get_num_threads()} torch thread(s), float32, {config.train_steps} RK4 steps, median of "
-        f"{repeats} steps (round-robin). 'steps to pay back': (first step − median) / (eager − median).",
-    ]
-    return table
+    return rows

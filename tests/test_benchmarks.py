@@ -98,9 +98,10 @@ def test_compile_benchmark_smoke():
     from benchmarks import compiled
 
     table = compiled.run(**compiled.SIZES["smoke"], backend="eager")  # dynamo only: no code generation
-    assert [r["variant"] for r in table.rows] == ["eager", "compiled", "compiled, new block"]
+    assert [r["variant"] for r in table.rows] == ["eager", "compiled", "compiled, new block"] * 2
+    assert [r["block"] for r in table.rows[::3]] == ["mlp, d = 2", "otflow, d = 8"]
     assert all(r["ms_per_step"] > 0 and r["first_step_s"] > 0 for r in table.rows)
-    assert table.rows[0]["speedup"] == 1.0
+    assert table.rows[0]["speedup"] == 1.0 and table.rows[3]["speedup"] == 1.0
 
 
 def _png(path):
