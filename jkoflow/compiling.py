@@ -47,6 +47,7 @@ __all__ = [
     "COMPILE_MIN_SECONDS",
     "COMPILE_MODES",
     "EAGER_BATCHES",
+    "RECOMPILE_LIMIT",
     "CompiledStep",
     "stepper_at",
     "training_stepper",
@@ -64,6 +65,11 @@ step (:func:`stepper_at`), so that its first validation check (after 100
 steps, 4–5 s) comes before the compilation (15–30 s on a cold cache, 5–10 s
 with a warm one): a user sees the validation NLL fall at once, and both
 curves of ``jkoflow compare`` start there."""
+RECOMPILE_LIMIT = 64
+"""How many graphs of the RK4 step (one per block architecture, dtype,
+device and HJB flag) a process may compile: torch's default of 8 would send
+a notebook or a test session that trains more architectures back to eager
+steps. Raised only around this step's calls."""
 COMPILE_MIN_SECONDS = 60.0
 """``"auto"`` does not compile a run whose time budget (``max_seconds > 0``) is
 shorter than this: a cold compilation would take a third of it."""
@@ -89,7 +95,8 @@ class CompiledStep:
     ) -> tuple[Tensor, ...]:
         if self.fallback is None:
             try:
-                return self.compiled(block, z, t, dt, hjb)
+                with _recompile_limit(RECOMPILE_LIMIT):
+                    return self.compiled(block, z, t, dt, hjb)
             except Exception as error:  # a platform that cannot compile: train on eagerly
                 self.fallback = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                 warnings.warn(
@@ -102,6 +109,14 @@ class CompiledStep:
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("a CompiledStep is not picklable; build a new one where it is needed")
+
+
+def _recompile_limit(limit: int) -> Any:
+    """A context in which dynamo may compile ``limit`` graphs of one function
+    (its option is ``recompile_limit``, ``cache_size_limit`` before torch 2.6)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: limit})
 
 
 def stepper_at(stepper: Stepper, batches: int) -> Stepper:

@@ -96,6 +96,16 @@ def test_the_compiled_otflow_step_matches_eager_in_float64_with_the_hjb_term():
     assert float(eager.hjb.abs().max()) > 0.01 and len(eager_grads) == 7
 
 
+def test_more_block_architectures_than_torch_s_recompile_default_stay_compiled():
+    """torch recompiles a function for at most 8 guard sets by default; a
+    session that trains more block architectures must not fall back to eager."""
+    x = torch.randn(8, 2)
+    for width in range(2, 14):  # 12 architectures, whatever this process compiled before
+        stepper = CompiledStep(backend="eager")  # dynamo's graphs, no code generation
+        stepper(blocks.make("otflow", dim=2, width=width, depth=1), x, torch.tensor(0.0), torch.tensor(0.5))
+        assert stepper.fallback is None, (width, stepper.fallback)
+
+
 def test_a_failed_compilation_warns_once_and_trains_eagerly():
     block, x = _trained_block(), torch.randn(16, 2)
     stepper = CompiledStep()
