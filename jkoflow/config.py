@@ -185,11 +185,12 @@ def auto_block_type(dim: int) -> str:
     block leaves 64 % and 29 % of the KL that the potential leaves in the same
     steps. In d = 8 (gmm) it was no better when its divergence took d autograd
     passes; with the closed form and a compiled step a depth-1 ``mlp`` step
-    costs about half an ``otflow`` step there (35 against 65 ms, batch 1024,
-    1 thread) for the same NLL on seed 0, and a depth-2 one as much as
+    costs about half an eager ``otflow`` step there (35 against 65 ms, batch
+    1024, 1 thread) for the same NLL on seed 0, and a depth-2 one as much as
     ``otflow``; at d = 43 the depth-2 ``mlp`` step is 1.45× dearer. The
-    threshold was set by the measurements with the autograd divergence and
-    not moved (docs/benchmarks.md, "Block types").
+    ``otflow`` step now compiles too (29 ms at d = 8). The threshold was set
+    by the measurements with the autograd divergence and not moved
+    (docs/benchmarks.md, "Block types").
 
     >>> from jkoflow.config import auto_block_type
     >>> auto_block_type(2), auto_block_type(8)
