@@ -117,10 +117,8 @@ class JKOObjective:
         return scale * (final + (lr - final) * (1 + math.cos(math.pi * it / self.iters)) / 2)
 
     def current_stepper(self) -> Stepper:
-        """The RK4 step of this mini-batch: the eager one for the run's first
-        :data:`~jkoflow.compiling.EAGER_BATCHES` mini-batches (the first
-        early-stopping check comes at eager speed, not after a compilation
-        of 15–25 s), then ``self.stepper``."""
+        """The RK4 step of this mini-batch, by the run's mini-batches so far
+        (:func:`~jkoflow.compiling.stepper_at`: eager first, then ``self.stepper``)."""
         return stepper_at(self.stepper, self.step())
 
     def loss(self) -> tuple[Tensor, dict[str, Tensor]]:
