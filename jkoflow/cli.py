@@ -164,6 +164,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_config_options(parser: argparse.ArgumentParser, cls: type, help: dict[str, str]) -> None:
     """One ``--option`` per documented field of the config dataclass ``cls``;
     unset options stay None so that a --config file or the default applies."""
+    from .config import DEFAULT_STAGES, FIRST_PASS
+
     choices = _choices()
     for field in dataclasses.fields(cls):
         if field.name not in help:
@@ -171,16 +173,27 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, help: dict[s
         flag = "--" + field.name.replace("_", "-")
         default = field.default
         text = f"{help[field.name]} (default: {default})"
+        if default is None and field.name in FIRST_PASS:  # a stage setting: by the block type
+            by_type = "; ".join(
+                f"{name} blocks: {_shown(plan[field.name])}" for name, plan in DEFAULT_STAGES.items()
+            )
+            text = f"{help[field.name]} (default: {by_type}; other types: {_shown(FIRST_PASS[field.name])})"
+            default = FIRST_PASS[field.name]
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif isinstance(default, tuple):  # tuple[int, ...] or tuple[str, ...]
+        elif isinstance(default, tuple):  # tuple[int, ...] or tuple[str, ...]; none given: ()
             kind = str if "str" in str(field.type) else int
             metavar = "NAME" if kind is str else "C"
-            parser.add_argument(flag, type=kind, nargs="+", metavar=metavar, default=None, help=text)
+            parser.add_argument(flag, type=kind, nargs="*", metavar=metavar, default=None, help=text)
         else:
             parser.add_argument(
                 flag, type=type(default), choices=choices.get(field.name), default=None, help=text
             )
+
+
+def _shown(value: Any) -> str:
+    """A default as a user types it: ``2`` for (2,), ``none`` for ()."""
+    return " ".join(map(str, value)) or "none" if isinstance(value, tuple) else str(value)
 
 
 def _build_parser() -> argparse.ArgumentParser:

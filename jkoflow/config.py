@@ -18,6 +18,8 @@ from .errors import InputError
 __all__ = [
     "AUTO_BLOCK",
     "DEFAULT_DEPTHS",
+    "DEFAULT_STAGES",
+    "FIRST_PASS",
     "MLP_MAX_DIM",
     "RESUMABLE",
     "SEED_MAX",
@@ -206,6 +208,38 @@ the ``mlp`` block: its compiled training step leaves room for the second in
 the time one eager layer took, and on checkerboard it leaves 0.03 nats less
 KL (docs/benchmarks.md, "Block types"). One for ``otflow``, OT-Flow's own
 ResNet depth."""
+
+
+FIRST_PASS: dict[str, Any] = {
+    "reparam_iters": 0,
+    "refine": (),
+    "stage_iters": 0,
+    "finetune_iters": 0,
+    "finetune_lr": 1e-3,
+}
+"""The stage settings of the first pass alone (no stage after it): what a
+:class:`JKOConfig` stage field left at None takes for a block type without
+an entry in :data:`DEFAULT_STAGES`."""
+
+DEFAULT_STAGES: dict[str, dict[str, Any]] = {
+    "otflow": {
+        "reparam_iters": 1,
+        "refine": (2,),
+        "stage_iters": 400,
+        "finetune_iters": 3000,
+        "finetune_lr": 3e-3,
+    },
+}
+"""The stages a run of a block type gets by default (the type of its first
+block decides; a field given explicitly wins). The ``otflow`` potential's
+greedy pass stalls: on ``gmm:d=8,k=5,seed=0`` every first pass measured
+(width 32–128, depth 1–2, lr 0.01–0.1, h0 2–5, 4–8 RK4 steps, batch
+1024–4096) ends at KL 0.05–0.08, and only a joint fine-tuning of the blocks
+lowers it, the more the more blocks it tunes. One reparametrisation, a
+refinement into half steps and 3000 fine-tuning steps from lr 0.003 take it
+to KL 0.027 ± 0.003 over seeds 0–3 in 17–23 minutes (docs/benchmarks.md,
+"Fine-tuning at finer steps"). The ``mlp`` block's first pass already meets
+the toy targets in two minutes and runs alone (:data:`FIRST_PASS`)."""
 
 
 def _check_count(config: Any, names: tuple[str, ...]) -> None:
@@ -472,10 +506,15 @@ class JKOConfig(TrainingConfig):
     AUTO_BATCH: ClassVar[int] = 1024
     block: str = AUTO_BLOCK
     depth: int = 0
-    SAVED_DEFAULTS: ClassVar[dict[str, Any]] = {"val_every": 0, "stage_lr": 0.0, "gain_eps": 0.0}
+    SAVED_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "val_every": 0,
+        "stage_lr": 0.0,
+        "gain_eps": 0.0,
+        **FIRST_PASS,
+    }
     """Fields added after runs were saved, with the values that train as those
-    runs did (no early stopping, stages at ``lr``, the Ter rule alone): what a
-    resumed run that lacks them gets (:meth:`from_saved`)."""
+    runs did (no early stopping, stages at ``lr``, the Ter rule alone, no stage
+    a run did not name): what a resumed run that lacks them gets (:meth:`from_saved`)."""
 
     iters: int = 1200
     h0: float = 5.0
@@ -487,15 +526,15 @@ class JKOConfig(TrainingConfig):
     lr_final_factor: float = 0.02
     warm_start: bool = False
     transport: str = "path"
-    reparam_iters: int = 0
+    reparam_iters: int | None = None
     reparam_tol: float = 0.15
     reparam_eta: float = 0.5
     reparam_rule: str = "ratio"
     h_min: float = 0.05
-    refine: tuple[int, ...] = ()
+    refine: tuple[int, ...] | None = None
     free_block: bool = False
     block_types: tuple[str, ...] = ()
-    stage_iters: int = 0
+    stage_iters: int | None = None
     stage_lr: float = 0.01
     max_batches: int = 0
     cache_device: str = "auto"
@@ -504,8 +543,8 @@ class JKOConfig(TrainingConfig):
     step_doublings: int = 2
     val_every: int = 100
     patience: int = 3
-    finetune_iters: int = 0
-    finetune_lr: float = 1e-3
+    finetune_iters: int | None = None
+    finetune_lr: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("refine", "block_types"):  # JSON gives lists
@@ -517,16 +556,12 @@ class JKOConfig(TrainingConfig):
         positive = ("h0", "rho", "h_max", "ter_eps", "reparam_tol", "h_min", "step_tol", "inversion_tol")
         check_positive(self, positive, float)
         check_positive(self, ("max_blocks",), int)
-        counts = (
-            "reparam_iters",
-            "stage_iters",
-            "max_batches",
-            "step_doublings",
-            "val_every",
-            "finetune_iters",
+        _check_count(self, ("max_batches", "step_doublings", "val_every"))
+        _check_count(
+            self, tuple(n for n in ("reparam_iters", "stage_iters", "finetune_iters") if self._given(n))
         )
-        _check_count(self, counts)
-        check_positive(self, ("finetune_lr",), float)
+        if self._given("finetune_lr"):
+            check_positive(self, ("finetune_lr",), float)
         _check_nonnegative(self, {"gain_eps": "0: the Ter rule alone", "stage_lr": "0: lr"})
         check_positive(self, ("patience",), int)
         if not 0 <= self.lr_final_factor <= 1:
@@ -535,8 +570,9 @@ class JKOConfig(TrainingConfig):
             raise InputError(f"h_min ({self.h_min}) must not exceed h_max ({self.h_max})")
         if not (isinstance(self.reparam_eta, (int, float)) and 0 < self.reparam_eta <= 1):
             raise InputError(f"reparam_eta must be in (0, 1], got {self.reparam_eta!r}")
-        if not isinstance(self.refine, tuple) or any(
-            isinstance(c, bool) or not isinstance(c, int) or c < 2 for c in self.refine
+        if self._given("refine") and (
+            not isinstance(self.refine, tuple)
+            or any(isinstance(c, bool) or not isinstance(c, int) or c < 2 for c in self.refine)
         ):
             raise InputError(f"refine factors must be integers ≥ 2, got {self.refine!r}")
         from .stages import REPARAM_RULES  # the registry (jkoflow.stages imports this module)
@@ -580,9 +616,36 @@ class JKOConfig(TrainingConfig):
             raise ValueError(f"block {k} is of type 'auto': its type depends on the data dimension dim")
         return auto_block_type(dim)
 
+    def _given(self, name: str) -> bool:
+        return getattr(self, name) is not None
+
+    def stages_for(self, dim: int) -> dict[str, Any]:
+        """The stage settings a run on data of dimension ``dim`` gets: the
+        fields given, and for those left at None the entry of
+        :data:`DEFAULT_STAGES` for the type of block 0 (else :data:`FIRST_PASS`).
+
+        >>> from jkoflow import JKOConfig
+        >>> JKOConfig().stages_for(2)["finetune_iters"], JKOConfig().stages_for(8)["finetune_iters"]
+        (0, 3000)
+        >>> JKOConfig(refine=()).stages_for(8)["refine"]  # a given field wins
+        ()
+        """
+        plan = DEFAULT_STAGES.get(self.block_type(0, dim), FIRST_PASS)
+        return {
+            name: plan[name] if getattr(self, name) is None else getattr(self, name) for name in FIRST_PASS
+        }
+
+    def resolved(self, dim: int) -> JKOConfig:
+        """This config with every stage field set (:meth:`stages_for`): what a
+        trainer on data of dimension ``dim`` runs and saves."""
+        return dataclasses.replace(self, **self.stages_for(dim))
+
     @property
     def retrain_iters(self) -> int:
-        """Adam steps per block in reparametrisation and refinement stages."""
+        """Adam steps per block in reparametrisation and refinement stages
+        (of a :meth:`resolved` config)."""
+        if self.stage_iters is None:
+            raise ValueError("stage_iters is None: resolve the config for the data first (resolved(dim))")
         return self.stage_iters or self.iters
 
     def step_size(self, k: int) -> float:

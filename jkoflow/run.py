@@ -464,7 +464,7 @@ def check_jko(
     """Every check of :func:`run_jko` that can refuse the run; reads, never writes.
     Returns what resuming means with ``resume``, else None."""
     data = check_training(config, splits, max(1, len(config.block_types)), processes)
-    return _check_run_dir(out, data_config, config, data, overwrite, resume)
+    return _check_run_dir(out, data_config, config.resolved(data[0].shape[1]), data, overwrite, resume)
 
 
 def _check_run_dir(
@@ -515,6 +515,7 @@ def run_jko(
     """
     group = distributed.current()
     data = check_training(config, splits, max(1, len(config.block_types)), group.size)
+    config = config.resolved(data[0].shape[1])  # the stages it runs, as config.json records them
     if not group.is_main:
         return _follow_jko(out, config, splits, group, resume=resume, reset_lr=reset_lr)
     failed = True

@@ -116,10 +116,11 @@ class JKOTrainer:
         on_stage: StageCallback | None = None,
         checkpoint: str | os.PathLike | None = None,
     ) -> None:
-        self.config = config = config or JKOConfig()
+        config = config or JKOConfig()
         host = resolve_placement(config)
         sets = _data_sets(x_train, x_val, x_test, config, flow, host)
         dim = next(iter(sets.values())).shape[1]
+        self.config = config = config.resolved(dim)
         self.placement = resolve_placement(config, host.group, sum(len(x) for x in sets.values()), dim)
         fresh = flow is None
         flow = (
@@ -161,7 +162,8 @@ class JKOTrainer:
         fields. ``reset_lr``: see :func:`_continue_block`."""
         saved = load_state(checkpoint)
         saved_config = JKOConfig.from_saved(saved.config)
-        config = saved_config if config is None else resume_config(saved_config, config)
+        given = None if config is None else config.resolved(saved.flow.dim)
+        config = saved_config if given is None else resume_config(saved_config, given)
         trainer = cls(x_train, x_val, x_test, config, saved.flow, checkpoint=checkpoint, **options)
         _restore(trainer, saved)
         _continue_block(trainer, reset_lr or config.lr != saved_config.lr)
