@@ -46,8 +46,10 @@ RECIPE: dict[str, Any] = {
     "free_block": True,
     "stage_iters": 400,
     "finetune_iters": 600,
+    "finetune_lr": 1e-3,
 }
-"""JKOConfig fields of the recipe (the defaults otherwise)."""
+"""JKOConfig fields of the recipe (the defaults otherwise; every stage field is
+given, so the recipe does not follow the block type's default stages)."""
 
 STAGE_ROWS = {
     "initial": "first pass",

@@ -27,7 +27,7 @@ import torch
 
 import blocks
 import jkoflow
-from jkoflow.config import DataConfig
+from jkoflow.config import FIRST_PASS, DataConfig
 from jkoflow.metrics import nll, parameter_count
 from jkoflow.run import load_data
 
@@ -38,7 +38,7 @@ def nll_table(names: list[str], max_seconds: float, iters: int = 0, batch_size: 
     x_train, x_val, x_test = load_data(DataConfig())
     rows = []
     for name in names:
-        config = jkoflow.JKOConfig(block=name, max_seconds=max_seconds, **overrides)
+        config = jkoflow.JKOConfig(block=name, max_seconds=max_seconds, **{**FIRST_PASS, **overrides})
         start = time.perf_counter()
         flow, history = jkoflow.train_jko(x_train, x_val=x_val, config=config)
         wall = time.perf_counter() - start

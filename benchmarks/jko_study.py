@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from jkoflow import JKOConfig, datasets
+from jkoflow.config import FIRST_PASS
 from jkoflow.records import JKOHistory
 from jkoflow.trainer import JKOTrainer, run_pipeline
 
@@ -138,7 +139,7 @@ def _run(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Trains one variant on one seed; returns its block rows and its summary."""
     x_train, x_val, x_test = datasets.load_split(data, n=n, seed=seed)
-    config = dataclasses.replace(JKOConfig(seed=seed, **base), **VARIANTS[name])
+    config = dataclasses.replace(JKOConfig(seed=seed, **{**FIRST_PASS, **base}), **VARIANTS[name])
     trainer = JKOTrainer(x_train, x_val, x_test, config=config)
     x = torch.as_tensor(x_test, dtype=torch.float32)
     with torch.no_grad():

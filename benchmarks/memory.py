@@ -27,6 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from jkoflow import JKOConfig, datasets, train_jko
+from jkoflow.config import FIRST_PASS
 
 from .common import BATCH, Column, Table
 
@@ -80,7 +81,7 @@ def run(
     table = Table("memory", title, COLUMNS)
     flow = None
     for k in range(1, n_blocks + 1):
-        config = JKOConfig(max_blocks=k, iters=iters, ter_eps=1e-12, seed=seed, **options)
+        config = JKOConfig(max_blocks=k, iters=iters, ter_eps=1e-12, seed=seed, **{**FIRST_PASS, **options})
         start = time.perf_counter()
         peak, (flow, _) = peak_allocated(lambda f=flow, c=config: train_jko(x_train, x_val, flow=f, config=c))
         seconds = time.perf_counter() - start

@@ -55,7 +55,7 @@ TRAIN_HELP = {
     "reparam_eta": "damping of the h update h_k += eta (h*_k - h_k)",
     "reparam_rule": "target h*: 'ratio' (h_k mean(W)/W_k) or 'arclength' (equal W along the cumulative time)",
     "h_min": "smallest step size allowed by the reparametrisation",
-    "refine": "refinement stages: split every block into C time slices (one C per stage)",
+    "refine": "refinement stages: cut every block into C time slices (one C per stage; --refine alone: none)",
     "stage_iters": "Adam steps per block in reparametrisation/refinement stages (0: --iters)",
     "stage_lr": "initial lr of blocks retrained from their weights in those stages (0: --lr)",
     "free_block": "end with a free block: one more block trained on the KL alone, without the W2 term",

@@ -230,8 +230,8 @@ DEFAULT_STAGES: dict[str, dict[str, Any]] = {
         "finetune_lr": 3e-3,
     },
 }
-"""The stages a run of a block type gets by default (the type of its first
-block decides; a field given explicitly wins). The ``otflow`` potential's
+"""The stages a run whose blocks are all of one type gets by default (a field
+given explicitly wins; a mixed flow gets :data:`FIRST_PASS`). The ``otflow`` potential's
 greedy pass stalls: on ``gmm:d=8,k=5,seed=0`` every first pass measured
 (width 32–128, depth 1–2, lr 0.01–0.1, h0 2–5, 4–8 RK4 steps, batch
 1024–4096) ends at KL 0.05–0.08, and only a joint fine-tuning of the blocks
@@ -474,6 +474,15 @@ class JKOConfig(TrainingConfig):
     the blocks of the run together on the NLL of the whole flow for that
     many Adam steps, from ``finetune_lr`` (:mod:`jkoflow.finetune`).
 
+    Default stages: the stage fields ``reparam_iters``, ``refine``,
+    ``stage_iters``, ``finetune_iters`` and ``finetune_lr`` left at None take
+    the values of the run's block type (:meth:`stages_for`): for ``otflow``
+    blocks (``"auto"`` in d > 4) one reparametrisation, a refinement with
+    c = 2 at 400 steps per block and 3000 fine-tuning steps from 0.003
+    (:data:`DEFAULT_STAGES`); for ``mlp`` blocks, other types and mixed flows
+    the first pass alone (:data:`FIRST_PASS`). A trainer runs, and saves, the
+    :meth:`resolved` config.
+
     Budget: training stops once ``max_batches`` mini-batches or
     ``max_seconds`` of training (0: no limit) are spent; the block in training
     then ends early, is pushed and recorded, and no further block or stage runs.
@@ -622,7 +631,8 @@ class JKOConfig(TrainingConfig):
     def stages_for(self, dim: int) -> dict[str, Any]:
         """The stage settings a run on data of dimension ``dim`` gets: the
         fields given, and for those left at None the entry of
-        :data:`DEFAULT_STAGES` for the type of block 0 (else :data:`FIRST_PASS`).
+        :data:`DEFAULT_STAGES` for the type of the run's blocks (a mixed flow,
+        or a type without an entry: :data:`FIRST_PASS`).
 
         >>> from jkoflow import JKOConfig
         >>> JKOConfig().stages_for(2)["finetune_iters"], JKOConfig().stages_for(8)["finetune_iters"]
@@ -630,7 +640,8 @@ class JKOConfig(TrainingConfig):
         >>> JKOConfig(refine=()).stages_for(8)["refine"]  # a given field wins
         ()
         """
-        plan = DEFAULT_STAGES.get(self.block_type(0, dim), FIRST_PASS)
+        types = {self.block_type(k, dim) for k in range(max(1, len(self.block_types)))}
+        plan = DEFAULT_STAGES.get(types.pop(), FIRST_PASS) if len(types) == 1 else FIRST_PASS
         return {
             name: plan[name] if getattr(self, name) is None else getattr(self, name) for name in FIRST_PASS
         }

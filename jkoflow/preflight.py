@@ -130,7 +130,8 @@ def check_resume(
         for name, x in zip(("train", "val", "test"), data, strict=True):
             if not np.allclose(data_fingerprint(x), state.data[name], rtol=1e-9):
                 raise InputError(f"the {name} data differ from those {trainer} was trained on")
-    config = resume_config(saved, config)
+    dim = state.flow.dim
+    config = resume_config(saved.resolved(dim), config.resolved(dim))
     if state.finished:
         if len(state.flow) < config.max_blocks or wants_finetune(config, open_kind):
             return Resume(config, state, finalize=False)

@@ -60,7 +60,8 @@ class Slice:
         >>> parent = BlockRecord(0, 2.0, 1.0, 0.1, 2.5, 5, 0.5, 3.0, 2.6, 0)
         >>> history = JKOHistory({}, [StageRecord("initial", "initial", [parent], complete=True),
         ...                           StageRecord("refine 1", "refine", factor=2)])
-        >>> plan = STAGES["refine"](history, history.stages[1], PlanContext(jkoflow.JKOConfig(), first=0))
+        >>> context = PlanContext(jkoflow.JKOConfig().resolved(dim=2), first=0)
+        >>> plan = STAGES["refine"](history, history.stages[1], context)
         >>> [b.start for b in plan.blocks]  # block 0 cut into two halves
         [Slice(parent=0, count=2, piece=0), Slice(parent=0, count=2, piece=1)]
     """

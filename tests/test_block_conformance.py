@@ -14,6 +14,8 @@ import blocks
 import jkoflow
 from jkoflow import Flow
 
+from .configs import first_pass
+
 LIBRARY = [
     name
     for name in blocks.names()
@@ -110,7 +112,7 @@ def test_save_load_round_trip(name, tmp_path):
 def test_training_lowers_the_jko_loss(name):
     x = jkoflow.datasets.load("8gaussians", n=2000, seed=0)
     losses: list[float] = []
-    config = jkoflow.JKOConfig(
+    config = first_pass(
         block=name, width=8, iters=25, batch_size=256, max_blocks=1, lr=0.02, train_steps=2, eval_steps=4
     )
     flow, history = jkoflow.train_jko(x, config=config, callback=lambda r: losses.append(r["loss"]))

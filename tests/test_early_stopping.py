@@ -13,9 +13,11 @@ import jkoflow
 from jkoflow import JKOConfig, JKOTrainer, OTFlowConfig, datasets, train_jko, train_otflow
 from jkoflow.metrics import nll
 
+from .configs import first_pass
+
 # 240 training rows, 8-d: a width-32 block overfits them within a few hundred steps
 SMALL = datasets.load_split("gmm:d=8,k=5,seed=0", n=300, seed=0)
-CONFIG = JKOConfig(
+CONFIG = first_pass(
     iters=300,
     val_every=25,
     patience=2,
@@ -96,7 +98,7 @@ def test_a_retrained_block_is_kept_only_where_the_whole_flow_improves(monkeypatc
 
     monkeypatch.setitem(REPARAM_RULES, "shrink", lambda h, s: np.full_like(h, 1e-4))
     data = datasets.load_split("8gaussians", n=2000, seed=1)
-    config = JKOConfig(
+    config = first_pass(
         block="otflow", width=8, iters=60, batch_size=128, train_steps=2, eval_steps=4, max_blocks=2,
         ter_eps=1e-9,
         reparam_iters=1, reparam_tol=1e-9, reparam_eta=1.0, h_min=1e-4, reparam_rule="shrink",

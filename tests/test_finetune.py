@@ -16,9 +16,10 @@ from jkoflow.finetune import MARGIN, JointObjective
 from jkoflow.metrics import nll, step_doubling_change
 from jkoflow.placement import resolve_placement
 
+from .configs import first_pass
 from .test_trainer import _same_weights, stop_and_resume
 
-CONFIG = JKOConfig(
+CONFIG = first_pass(
     width=8, iters=40, batch_size=256, train_steps=2, eval_steps=4, max_blocks=2, ter_eps=1e-9,
     val_every=10, finetune_iters=40, finetune_lr=0.01,
 )  # fmt: skip
@@ -31,7 +32,7 @@ def data():
 
 def test_the_joint_objective_is_the_flow_s_nll_at_the_train_steps():
     torch.manual_seed(0)
-    config = JKOConfig(width=4, batch_size=32, dtype="float64")
+    config = first_pass(width=4, batch_size=32, dtype="float64")
     flow = jkoflow.Flow(2, [config.make_block(2, k) for k in range(2)], steps=3).double()
     x = torch.randn(32, 2, dtype=torch.float64)
     generator = torch.Generator().manual_seed(5)

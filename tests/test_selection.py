@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from jkoflow import Flow, JKOConfig, JKOTrainer, datasets, train_jko
+from jkoflow import Flow, JKOTrainer, datasets, train_jko
 from jkoflow.checkpoint import load_state
 from jkoflow.config import DataConfig
 from jkoflow.metrics import nll
@@ -18,9 +18,10 @@ from jkoflow.records import JKOHistory, Selection
 from jkoflow.run import load_data, run_jko
 from jkoflow.stages import REPARAM_RULES
 
+from .configs import first_pass
 from .test_trainer import _same_weights
 
-CONFIG = JKOConfig(
+CONFIG = first_pass(
     width=8, iters=60, batch_size=128, train_steps=2, eval_steps=4, max_blocks=2, ter_eps=1e-9,
     reparam_iters=1, reparam_tol=1e-9, reparam_eta=1.0, h_min=1e-4, val_every=0,
 )  # fmt: skip

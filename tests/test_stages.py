@@ -8,10 +8,12 @@ import torch
 import blocks
 from jkoflow import Flow, InputError, JKOConfig, datasets, integrate, train_jko
 from jkoflow.cli import main
+from jkoflow.config import DEFAULT_STAGES, FIRST_PASS
 from jkoflow.metrics import nll
 from jkoflow.scheduler import movement_spread, reparametrize
 
 from .analytic_blocks import LinearBlock
+from .configs import first_pass
 
 TINY = {
     "block": "otflow",
@@ -97,7 +99,7 @@ def staged(data):
     def on_stage(history, flow):
         seen.append((history.stages[-1]["name"], len(flow)))
 
-    config = JKOConfig(**TINY, ter_eps=1e-9, reparam_iters=2, reparam_tol=1e-6, refine=(2,), stage_iters=10)
+    config = first_pass(**TINY, ter_eps=1e-9, reparam_iters=2, reparam_tol=1e-6, refine=(2,), stage_iters=10)
     flow, history = train_jko(*data, config=config, on_stage=on_stage)
     return flow, history, seen
 
@@ -126,15 +128,15 @@ def test_stages_run_in_order_and_are_recorded(staged, data):
 
 
 def test_reparam_stops_once_the_spread_is_small(data):
-    config = JKOConfig(**TINY, ter_eps=1e-9, reparam_iters=3, reparam_tol=100.0)
+    config = first_pass(**TINY, ter_eps=1e-9, reparam_iters=3, reparam_tol=100.0)
     _, history = train_jko(*data, config=config)
     assert [s["name"] for s in history.stages] == ["initial"]
 
 
 def test_stages_leave_an_existing_flow_alone(data):
-    flow, _ = train_jko(*data, config=JKOConfig(**{**TINY, "max_blocks": 1}))
+    flow, _ = train_jko(*data, config=first_pass(**{**TINY, "max_blocks": 1}))
     frozen = [p.clone() for p in flow.parameters()]
-    config = JKOConfig(
+    config = first_pass(
         **{**TINY, "max_blocks": 2}, ter_eps=1e-9, reparam_iters=1, reparam_tol=1e-6, refine=(2,)
     )
     flow, history = train_jko(*data, config=config, flow=flow)
@@ -206,8 +208,8 @@ def test_cli_stage_bad_input(tmp_path, capsys, extra, match):
 
 
 def test_a_full_flow_gets_no_new_blocks_or_stages(data):
-    flow, _ = train_jko(*data, config=JKOConfig(**{**TINY, "max_blocks": 1}))
-    config = JKOConfig(**{**TINY, "max_blocks": 1}, reparam_iters=2, refine=(2,))
+    flow, _ = train_jko(*data, config=first_pass(**{**TINY, "max_blocks": 1}))
+    config = first_pass(**{**TINY, "max_blocks": 1}, reparam_iters=2, refine=(2,))
     same, history = train_jko(*data, config=config, flow=flow)
     assert len(same) == 1 and [s["name"] for s in history.stages] == ["initial"] and history.blocks == []
 
@@ -230,7 +232,7 @@ def test_arclength_rule_cuts_the_time_into_equal_movements():
 
 
 def test_reparam_rule_reaches_the_trainer(data):
-    config = JKOConfig(
+    config = first_pass(
         **TINY, ter_eps=1e-9, reparam_iters=1, reparam_tol=1e-6, stage_iters=5, reparam_rule="arclength"
     )
     _, history = train_jko(*data, config=config)
@@ -240,3 +242,48 @@ def test_reparam_rule_reaches_the_trainer(data):
     assert [b["h"] for b in reparam["blocks"]] == pytest.approx(expected, rel=1e-12)
     assert reparam["h_plan"] == pytest.approx(expected, rel=1e-12)
     assert expected != pytest.approx(reparametrize(h, w2, 0.5, 0.05, 20), rel=1e-3)  # the rules differ here
+
+
+# -- the stages a run gets by default ---------------------------------------------
+
+
+def test_the_default_stages_follow_the_block_type():
+    assert JKOConfig().stages_for(2) == FIRST_PASS  # mlp blocks: the first pass alone
+    assert JKOConfig().stages_for(8) == DEFAULT_STAGES["otflow"]
+    assert JKOConfig(block="otflow").stages_for(2) == DEFAULT_STAGES["otflow"]
+    given = JKOConfig(refine=(), finetune_lr=0.01).stages_for(8)
+    assert given == {**DEFAULT_STAGES["otflow"], "refine": (), "finetune_lr": 0.01}  # a given field wins
+    assert JKOConfig(block_types=("otflow", "mlp")).stages_for(8) == FIRST_PASS  # a mixed flow
+    assert JKOConfig(block="otflow", block_types=("otflow",)).stages_for(3) == DEFAULT_STAGES["otflow"]
+    resolved = JKOConfig().resolved(8)
+    assert (resolved.reparam_iters, resolved.refine, resolved.retrain_iters) == (1, (2,), 400)
+    with pytest.raises(ValueError, match="resolve the config"):
+        _ = JKOConfig().retrain_iters
+
+
+def test_a_run_records_and_resumes_the_stages_it_got_by_default(tmp_path):
+    """An 8-d run with otflow blocks gets reparametrisation, refinement and
+    fine-tuning without naming them; config.json records them, so the run
+    resumes (and reports itself finished) without naming them either."""
+    out = tmp_path / "run"
+    tiny = ["--data", "gmm:d=8,k=2,seed=0", "--n-samples", "1500", "--width", "4", "--iters", "6",
+            "--batch-size", "128", "--max-blocks", "1", "--train-steps", "2", "--eval-steps", "4",
+            "--stage-iters", "3", "--finetune-iters", "4", "--val-every", "0", "--quiet"]  # fmt: skip
+    assert main(["train", *tiny, "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())["train"]
+    expected = {**DEFAULT_STAGES["otflow"], "refine": [2], "stage_iters": 3, "finetune_iters": 4}
+    assert {name: config[name] for name in FIRST_PASS} == expected
+    summary = json.loads((out / "summary.json").read_text())
+    # one block: the reparametrisation has no spread to even out and stops at once
+    assert [s["name"] for s in summary["stages"]] == ["initial", "refine 1", "finetune 1"]
+    assert main(["train", "--resume", str(out), "--quiet"]) == 2  # finished: nothing left to do
+
+
+def test_refine_given_without_factors_means_none(tmp_path):
+    out = tmp_path / "run"
+    tiny = ["--data", "gmm:d=8,k=2,seed=0", "--n-samples", "1500", "--width", "4", "--iters", "6",
+            "--batch-size", "128", "--max-blocks", "1", "--train-steps", "2", "--eval-steps", "4",
+            "--reparam-iters", "0", "--finetune-iters", "0", "--refine", "--quiet"]  # fmt: skip
+    assert main(["train", *tiny, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["initial"]

@@ -16,11 +16,12 @@ from jkoflow import JKOConfig, JKOHistory, JKOTrainer, datasets, integrate
 from jkoflow.metrics import step_doubling_change
 from jkoflow.run import summarize
 
+from .configs import first_pass
 from .test_trainer import _same_weights
 
 # one train step and two eval steps per block, a large h and lr: the block
 # fits the coarse map (relative inversion error 1.1e-4 > 1e-4 at 1 train step)
-CONFIG = JKOConfig(
+CONFIG = first_pass(
     block="otflow", width=16, iters=40, batch_size=256, train_steps=1, eval_steps=2, max_blocks=1,
     ter_eps=1e-9, lr=0.05, h0=10.0,
 )  # fmt: skip
@@ -152,7 +153,7 @@ def test_a_block_interrupted_in_its_longer_phase_resumes_exactly(data, tmp_path)
 # then a reparametrisation at stage_lr 0.1: block 1 ends at a lower validation
 # NLL but a relative inversion error of 2.8e-4 > 1e-4 (not converged), block 2
 # converged and 0.06 nats lower
-RETRAINED = JKOConfig(
+RETRAINED = first_pass(
     block="otflow", width=16, iters=40, batch_size=256, train_steps=1, eval_steps=2, max_blocks=2,
     ter_eps=1e-9, lr=0.01, h0=10.0, stage_lr=0.1, step_doublings=0, reparam_tol=1e-9, val_every=10,
 )  # fmt: skip

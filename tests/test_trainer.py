@@ -197,7 +197,7 @@ def test_reparam_plan_gives_the_rule_numbers():
 
 
 def test_refine_plan_cuts_every_block_into_slices():
-    config = JKOConfig(iters=9)
+    config = JKOConfig(iters=9, stage_iters=0)  # stage_iters 0: the blocks' iters
     before = StageRecord("initial", "initial", [_record(1, 1.0, 1.0), _record(2, 2.0, 1.0)], complete=True)
     refine = StageRecord("refine 1", "refine", factor=3)
     plan = STAGES["refine"](_history(before, refine), refine, PlanContext(config, 1))
@@ -234,7 +234,7 @@ def test_an_old_checkpoint_resumes_like_an_uninterrupted_run(tmp_path):
     x = datasets.load("8gaussians", n=1500, seed=0)
     config = JKOConfig(  # how the old code trained
         block="otflow", width=8, iters=20, batch_size=128, max_blocks=2, ter_eps=1e-9, train_steps=2,
-        eval_steps=4, checkpoint_every=5, reparam_iters=1, **JKOConfig.SAVED_DEFAULTS,
+        eval_steps=4, checkpoint_every=5, **{**JKOConfig.SAVED_DEFAULTS, "reparam_iters": 1},
     )  # fmt: skip
     state = load_state(FIXTURE)
     assert state.block is not None and state.block.iter == 5
