@@ -456,6 +456,11 @@ class JKOConfig(TrainingConfig):
     inversion error at least ``inversion_tol``, or one of its checks was
     invalid, it trains on with its train steps doubled for a quarter of its
     Adam steps more, at most ``step_doublings`` times (0: only measure).
+    The block kept is then evaluated (not trained) at doubled steps, at most
+    ``step_doublings`` times, while the round trip of the flow up to it,
+    E‖x − T⁻¹(T(x))‖ over the data's per-coordinate scale on the validation
+    rows, is at least ``inversion_tol / 2``; a flow whose round trip is at
+    least ``inversion_tol`` is not returned.
 
     Stages after the initial pass (docs/design.md, "The scheduler and its stages";
     :mod:`jkoflow.stages`): up to ``reparam_iters``

@@ -57,6 +57,7 @@ from .scheduler import (
     block_record,
     finest_train_steps,
     fits_its_steps,
+    hold_steps,
     next_phase,
     push_checked,
     push_rest,
@@ -230,20 +231,16 @@ def _train_with_step_control(
 
 def _push_converged(
     trainer: JKOTrainer, k: int, cached: dict[str, Pushed]
-) -> tuple[dict[str, Pushed], float, float]:
-    """Every set pushed through the fine-tuned block ``k``, with its step factor
-    doubled (its evaluation, not its training) while it does not fit its RK4
-    steps (:func:`~jkoflow.scheduler.fits_its_steps`), at most
-    ``step_doublings`` times: the NLL is then the model's at finer steps.
-    Returns (the samples of p_k, the step-doubling change, the inversion error)."""
-    flow = trainer.flow
-    for doubling in range(trainer.config.step_doublings + 1):
-        if doubling:
-            flow.set_steps_factor(k, 2 * flow.steps_factors[k])
-        val, change, error, fits = fits_its_steps(trainer, k, cached)
-        if fits:
-            break
-    return push_rest(trainer, k, cached, val), change, error
+) -> tuple[dict[str, Pushed], float, float, float]:
+    """Every set pushed through the fine-tuned block ``k`` at the steps
+    :func:`~jkoflow.scheduler.hold_steps` gives it: its step factor doubled
+    (its evaluation, not its training) while it does not fit its RK4 steps
+    or the flow's round trip up to it is too large, at most ``step_doublings``
+    times, so the NLL is the model's and the flow inverts. Returns (the
+    samples of p_k, the step-doubling change, the inversion error, the round
+    trip)."""
+    measured, trip = hold_steps(trainer, k, cached, fits_its_steps(trainer, k, cached))
+    return push_rest(trainer, k, cached, measured.val), measured.change, measured.error, trip
 
 
 MARGIN = 4
@@ -299,14 +296,23 @@ def fit_joint(
     tuned.requires_grad_(False)
     tick, pushes, measures = time.perf_counter(), [cached], []
     for k in range(first, len(flow)):
-        moved, change, error = _push_converged(trainer, k, pushes[-1])
+        moved, *measured = _push_converged(trainer, k, pushes[-1])
         pushes.append(moved)
-        measures.append((change, error))
+        measures.append(measured)
     progress.seconds += time.perf_counter() - tick
-    for j, (change, error) in enumerate(measures):
+    for j, (change, error, trip) in enumerate(measures):
         spent = progress if j == len(measures) - 1 else None  # the stage's steps, on its last record
         record = block_record(
-            trainer, first + j, None, pushes[j], pushes[j + 1], spent, change, error, objective.steps[j]
+            trainer,
+            first + j,
+            None,
+            pushes[j],
+            pushes[j + 1],
+            spent,
+            change,
+            error,
+            objective.steps[j],
+            round_trip=trip,
         )
         stage.blocks.append(record)
     trainer.block = None

@@ -79,6 +79,11 @@ class BlockRecord(_Readable):
         inversion_error: E‖x − T_k⁻¹(T_k(x))‖ / sqrt(E‖x‖²/d) on the same
             validation rows: the block's round-trip error relative to the
             per-coordinate scale of its input.
+        round_trip_error: E‖x − T⁻¹(T(x))‖ / sqrt(E‖x − μ‖²/d) for T the
+            flow's first k + 1 blocks and x the validation data (μ its
+            training mean): the round trip of the flow up to this block,
+            relative to the data's scale; None in records written before
+            it was measured.
         train_steps: RK4 steps per block its last training phase used.
         step_doublings: How often the step control doubled them (0: never acted).
         eval_steps: RK4 steps the flow integrates the block with (its base
@@ -124,6 +129,7 @@ class BlockRecord(_Readable):
     parent: int | None = None
     slice: int | None = None
     inversion_error: float | None = None
+    round_trip_error: float | None = None
     train_steps: int | None = None
     step_doublings: int = 0
     eval_steps: int | None = None
@@ -131,7 +137,18 @@ class BlockRecord(_Readable):
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (the optional fields only when set)."""
-        return _compact(self, ("test_nll", "parent", "slice", "inversion_error", "train_steps", "eval_steps"))
+        return _compact(
+            self,
+            (
+                "test_nll",
+                "parent",
+                "slice",
+                "inversion_error",
+                "round_trip_error",
+                "train_steps",
+                "eval_steps",
+            ),
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BlockRecord:

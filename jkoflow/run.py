@@ -40,7 +40,15 @@ from .config import DataConfig, JKOConfig, TrainingConfig, config_from_dict
 from .errors import InputError, TrainingError
 from .figures import flow_figure_names, write_flow_figures
 from .flow import Flow
-from .metrics import STEP_CHECK_ROWS, data_kl, inversion_error, nll, parameter_count, step_doubling_change
+from .metrics import (
+    STEP_CHECK_ROWS,
+    data_kl,
+    data_scale,
+    inversion_error,
+    nll,
+    parameter_count,
+    step_doubling_change,
+)
 from .otflow import OTFlowConfig, train_otflow
 from .plots import plot_h_per_block, plot_samples, plot_validation_curve, plot_w2_per_block
 from .preflight import Resume, check_resume, check_training
@@ -275,8 +283,9 @@ def stage_checkpoint(files: RunFiles, stage: dict[str, Any]) -> Path:
     return files.root / ("flow-" + stage["name"].replace(" ", "-") + ".pt")
 
 
-INVERSION_ROWS = 2000
-"""Rows of the evaluated data on which the inversion error is measured."""
+INVERSION_ROWS = STEP_CHECK_ROWS
+"""Rows of the evaluated data on which the inversion error is measured: as
+many as the trainer's round-trip checks use on the validation set."""
 
 
 def flow_figures(flow: Flow, x: np.ndarray) -> dict[str, Any]:
@@ -284,16 +293,20 @@ def flow_figures(flow: Flow, x: np.ndarray) -> dict[str, Any]:
     evaluation (``eval_steps``) and each block's own (``block_eval_steps``:
     the base times the block's step factor), the NLL change when they are
     doubled (on the first :data:`STEP_CHECK_ROWS` rows of ``x``), its
-    inversion error on the first :data:`INVERSION_ROWS` rows and its
-    parameter count."""
+    inversion error E‖x − T⁻¹(T(x))‖ on the first :data:`INVERSION_ROWS`
+    rows, in data units and over the data's per-coordinate scale
+    sqrt(E‖x − μ‖²/d) (``inversion_error_relative``, the scale the
+    trainer's round-trip checks use) and its parameter count."""
     rows = min(len(x), INVERSION_ROWS)
     check_rows = min(len(x), STEP_CHECK_ROWS)
+    error = inversion_error(flow, x[:rows])
     return {
         "eval_steps": flow.steps,
         "block_eval_steps": list(flow.step_counts),
         "step_doubling_change": step_doubling_change(flow, x[:check_rows]),
         "step_check_rows": check_rows,
-        "inversion_error": inversion_error(flow, x[:rows]),
+        "inversion_error": error,
+        "inversion_error_relative": error / data_scale(flow, x[:rows]),
         "inversion_error_rows": rows,
         "n_parameters": parameter_count(flow),
     }
@@ -341,6 +354,7 @@ def summarize(flow: Flow, history: JKOHistory, x_test: np.ndarray, wall_seconds:
                     "test_nll",
                     "step_doubling_change",
                     "inversion_error",
+                    "round_trip_error",
                     "train_steps",
                     "eval_steps",
                     "step_doublings",

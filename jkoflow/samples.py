@@ -17,7 +17,7 @@ from torch import Tensor
 from blocks import Block
 
 from .flow import Flow, chunked
-from .metrics import STEP_CHECK_ROWS
+from .metrics import STEP_CHECK_ROWS, relative_round_trip
 from .objectives import gaussian_log_prob
 from .ode import integrate
 from .placement import Placement
@@ -134,6 +134,23 @@ class Samples:
         back, _ = self._map(lambda part: integrate(block, part, steps, t0=1.0, t1=0.0), after.head(rows).x)
         scale = x.pow(2).sum(1).mean().div(x.shape[1]).sqrt()
         return float((back - x).norm(dim=1).mean() / scale)
+
+    def round_trip_error(self, k: int, after: Pushed, name: str = "val") -> float:
+        """The round trip of the flow's first k + 1 blocks on the first
+        :data:`~jkoflow.metrics.STEP_CHECK_ROWS` rows x of set ``name``, whose
+        push through them is ``after``: E‖x − T⁻¹(T(x))‖ over the data's
+        per-coordinate scale (:func:`~jkoflow.metrics.relative_round_trip`),
+        each block integrated back at its own steps, last first. Each block's
+        own :meth:`inversion_error` can be small while the composition's is
+        not: an earlier block's inverse carries a later block's error on,
+        scaled by its Lipschitz constant."""
+        rows = min(len(after.x), STEP_CHECK_ROWS)
+        z = after.head(rows).x
+        for j in reversed(range(k + 1)):
+            block, steps = self.flow.blocks[j], self.flow.block_steps(j)
+            z, _ = self._map(lambda part, b=block, n=steps: integrate(b, part, n, t0=1.0, t1=0.0), z)
+        like = self.flow.shift
+        return relative_round_trip(self.flow, self.sets[name][:rows].to(like), z.to(like))
 
     def _map(self, fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor) -> tuple[Tensor, Tensor]:
         """(z, ℓ) = ``fn(rows)[:2]`` for the rows of ``x``, chunk by chunk on the

@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IdleBlock",
     "JKOHistory",
+    "Measured",
     "Trained",
     "block_record",
     "check_rows",
@@ -72,6 +73,7 @@ __all__ = [
     "fit_block",
     "fits_its_steps",
     "flow_nll",
+    "hold_steps",
     "idle_gain",
     "is_idle",
     "movement_spread",
@@ -400,21 +402,62 @@ def _tail(trainer: JKOTrainer, plan: BlockPlan) -> list[tuple[Block, int]]:
     return []
 
 
-Measured = tuple[Pushed, float, float, bool]
+class Measured(NamedTuple):
+    """A frozen block measured at its own RK4 steps (:func:`fits_its_steps`)."""
+
+    val: Pushed  # the validation samples of p_k
+    change: float  # step-doubling change of the validation NLL
+    error: float  # the block's own relative inversion error
+    fits: bool  # both below the config's tolerances
 
 
 def fits_its_steps(trainer: JKOTrainer, k: int, cached: dict[str, Pushed]) -> Measured:
     """Pushes the validation set through the frozen block ``k`` at its own RK4
-    steps (``trainer.flow.block_steps(k)``); (those samples of p_k, its
-    step-doubling change, its relative inversion error, whether both are
-    below the config's tolerances). The other sets are pushed by
-    :func:`push_rest` once the block is kept at these steps."""
+    steps (``trainer.flow.block_steps(k)``) and measures it there
+    (:class:`Measured`). The other sets are pushed by :func:`push_rest` once
+    the block is kept at these steps."""
     samples, config = trainer.samples, trainer.config
     with torch.no_grad():
         moved = samples.push(k, cached["val"])
         change = samples.step_doubling_change(k, cached["val"], moved)
         error = samples.inversion_error(k, cached["val"], moved)
-    return moved, change, error, abs(change) < config.step_tol and error < config.inversion_tol
+    return Measured(moved, change, error, abs(change) < config.step_tol and error < config.inversion_tol)
+
+
+ROUND_TRIP_MARGIN = 2
+"""The round trip of the flow up to a block is held under
+``inversion_tol / ROUND_TRIP_MARGIN`` on the validation rows, so that it stays
+under ``inversion_tol`` on rows the run has not seen: it is a mean over rows,
+and on long-tailed data a few rows far out weigh in it."""
+
+
+def hold_steps(
+    trainer: JKOTrainer, k: int, cached: dict[str, Pushed], measured: Measured
+) -> tuple[Measured, float]:
+    """Block ``k`` (frozen, ``measured`` at its own steps) and the relative
+    round trip of the flow's first k + 1 blocks on the validation rows
+    (:meth:`~jkoflow.samples.Samples.round_trip_error`), after doubling the
+    block's step factor, its evaluation and not its training, while it does
+    not fit its steps or that round trip is at least
+    ``inversion_tol / ROUND_TRIP_MARGIN``, at most ``step_doublings`` times.
+    Each block's own inversion error can be small while the composition's is
+    not (an earlier block's inverse scales a later block's error); at twice
+    the steps the block's RK4 error is about 16 times smaller. A round trip
+    the flow before block ``k`` already failed is not block ``k``'s to
+    mend: it is then measured, not held."""
+    config, flow, samples = trainer.config, trainer.flow, trainer.samples
+    bound, before = config.inversion_tol / ROUND_TRIP_MARGIN, None
+    with torch.no_grad():
+        for doubling in range(config.step_doublings + 1):
+            if doubling:
+                flow.set_steps_factor(k, 2 * flow.steps_factors[k])
+                measured = fits_its_steps(trainer, k, cached)
+            trip = samples.round_trip_error(k, measured.val)
+            if measured.fits and trip >= bound and before is None:
+                before = samples.round_trip_error(k - 1, cached["val"])  # 0 for k = 0
+            if measured.fits and (trip < bound or (before is not None and before >= bound)):
+                break
+    return measured, trip
 
 
 def push_rest(trainer: JKOTrainer, k: int, cached: dict[str, Pushed], val: Pushed) -> dict[str, Pushed]:
@@ -432,6 +475,7 @@ class Trained(NamedTuple):
     moved: dict[str, Pushed]  # every set pushed through the block
     change: float  # step-doubling change on the validation set
     error: float  # relative inversion error on the validation set
+    round_trip: float  # the flow's up to the block, relative, on the validation set
     put_back: bool  # the block from before the stage was put back
 
 
@@ -453,7 +497,9 @@ def _train_with_step_control(
     gain under ``gain_eps``, :class:`IdleBlock`) is kept at its best
     converged check instead of trained on at finer steps: it ends the stage
     either way. A block retrained from its weights gets them back if it ends
-    no better than it began (:func:`_no_better`)."""
+    no better than it began (:func:`_no_better`). The block kept is then
+    evaluated at finer steps where it or the flow's round trip up to it
+    needs them (:func:`hold_steps`)."""
     config, flow, k = trainer.config, trainer.flow, plan.index
     if trainer.block is None or trainer.block.index != k:
         trainer.block = _first_phase(trainer, plan, cached)
@@ -472,12 +518,14 @@ def _train_with_step_control(
         steps = plan.train_steps or config.train_steps
         if fits or trainer.budget.done() or steps >= finest_train_steps(config):
             put_back = _no_better(trainer, plan, cached, converged)
+            measured = Measured(val, change, error, converged)
             if put_back:
                 plan = _put_back(trainer, block, plan)
-                val, change, error, _ = fits_its_steps(trainer, k, cached)
-            moved = push_rest(trainer, k, cached, val)
+                measured = fits_its_steps(trainer, k, cached)
+            measured, trip = hold_steps(trainer, k, cached, measured)
+            moved = push_rest(trainer, k, cached, measured.val)
             progress.seconds += time.perf_counter() - start
-            return Trained(progress, plan, moved, change, error, put_back)
+            return Trained(progress, plan, moved, measured.change, measured.error, trip, put_back)
         plan = next_phase(plan, progress, train_steps=2 * steps)
         progress.train_steps = plan.train_steps
         flow.set_steps_factor(k, 2 * flow.steps_factors[k])
@@ -555,10 +603,15 @@ def _put_back(trainer: JKOTrainer, block: Block, plan: BlockPlan) -> BlockPlan:
 
 def _converged(trainer: JKOTrainer, n: int) -> bool:
     """Whether each of the flow's first ``n`` blocks ended with a step-doubling
-    change below ``step_tol``: else the candidate's NLL is its RK4 map's, not
-    the model's, and it is not selectable."""
-    tol = trainer.config.step_tol
-    return all(abs(b.step_doubling_change or 0.0) < tol for b in trainer.history.flow_blocks(n))
+    change below ``step_tol`` and the round trip of those ``n`` blocks
+    below ``inversion_tol``: else the candidate's NLL is its RK4 map's, not
+    the model's, or it does not invert, and it is not selectable. (Records
+    written before the round trip was measured pass on the blocks' own.)"""
+    config, records = trainer.config, trainer.history.flow_blocks(n)
+    trip = records[-1].round_trip_error if records else None
+    return all(abs(b.step_doubling_change or 0.0) < config.step_tol for b in records) and (
+        trip is None or trip < config.inversion_tol
+    )
 
 
 def consider(trainer: JKOTrainer, stage: StageRecord, record: BlockRecord) -> None:
@@ -587,10 +640,12 @@ def block_record(
     error: float,
     train_steps: int,
     start: str | Slice = "new",
+    round_trip: float | None = None,
 ) -> BlockRecord:
     """The :class:`BlockRecord` of block ``k`` from the samples before and after
     it: W_k and Ter(k) on the validation set, the NLLs, the Adam steps and
-    seconds of ``progress`` (none: 0) and the RK4 measures."""
+    seconds of ``progress`` (none: 0) and the RK4 measures (``change``,
+    ``error`` and ``round_trip``, from :func:`hold_steps`)."""
     with torch.no_grad():
         step = (moved["val"].x - before["val"].x).pow(2).sum(1).mean()
         ter = relative_movement(before["val"].x, moved["val"].x)
@@ -611,6 +666,7 @@ def block_record(
         slice=start.piece if not isinstance(start, str) else None,
         step_doubling_change=change,
         inversion_error=error,
+        round_trip_error=round_trip,
         train_steps=train_steps,
         step_doublings=round(math.log2(train_steps / trainer.config.train_steps)),
         eval_steps=trainer.flow.block_steps(k),
@@ -637,7 +693,17 @@ def fit_block(
     trained = _train_with_step_control(trainer, block, plan, cached, judged)
     steps, moved = trained.plan.train_steps or config.train_steps, trained.moved
     record = block_record(
-        trainer, k, plan.h, cached, moved, trained.progress, trained.change, trained.error, steps, plan.start
+        trainer,
+        k,
+        plan.h,
+        cached,
+        moved,
+        trained.progress,
+        trained.change,
+        trained.error,
+        steps,
+        plan.start,
+        trained.round_trip,
     )
     record.put_back = trained.put_back
     stage.blocks.append(record)

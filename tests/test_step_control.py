@@ -12,10 +12,13 @@ import json
 import pytest
 import torch
 
+import jkoflow
 from jkoflow import JKOConfig, JKOHistory, JKOTrainer, datasets, integrate
-from jkoflow.metrics import step_doubling_change
+from jkoflow.metrics import data_scale, inversion_error, step_doubling_change
 from jkoflow.run import summarize
+from jkoflow.scheduler import ROUND_TRIP_MARGIN, fits_its_steps, hold_steps
 
+from .analytic_blocks import LinearBlock
 from .configs import first_pass
 from .test_trainer import _same_weights
 
@@ -222,3 +225,92 @@ def test_the_step_control_settings_are_checked():
         JKOConfig(step_tol=0.0)
     with pytest.raises(Exception, match="step_doublings"):
         JKOConfig(step_doublings=-1)
+
+
+# -- the round trip of the flow up to a block -------------------------------------------
+
+
+def _linear_flow(a: float, b: float, factor0: int) -> jkoflow.Flow:
+    """Block 0 contracts coordinate 0 by e^(−a) (v = −a z₀), block 1 expands it
+    again by e^b: block 1's RK4 error lies along the coordinate block 0's
+    inverse stretches by e^a, so it is small against block 1's own input
+    scale and large against the data's."""
+    first, second = LinearBlock(2).double(), LinearBlock(2).double()
+    with torch.no_grad():
+        first.B.copy_(torch.diag(torch.tensor([-a, 0.0])))
+        second.B.copy_(torch.diag(torch.tensor([b, 0.0])))
+    return jkoflow.Flow(2, [first, second], steps=2, steps_factors=[factor0, 1]).double()
+
+
+ROUND_TRIP = first_pass(dtype="float64", device="cpu", train_steps=2, eval_steps=2, inversion_tol=1e-3)
+
+
+def _frozen(factor0: int) -> tuple[JKOTrainer, dict, torch.Tensor]:
+    x = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    trainer = JKOTrainer(x[:3000], x[3000:], config=ROUND_TRIP, flow=_linear_flow(3.0, 1.5, factor0))
+    return trainer, trainer.samples.base(1), x[3000:]
+
+
+def test_the_round_trip_is_the_whole_flow_s_in_data_units():
+    trainer, cached, x_val = _frozen(8)
+    measured = fits_its_steps(trainer, 1, cached)
+    trip = trainer.samples.round_trip_error(1, measured.val)
+    by_hand = inversion_error(trainer.flow, x_val) / float(x_val.pow(2).sum(1).mean().div(2).sqrt())
+    assert trip == pytest.approx(by_hand, rel=1e-3)  # the training mean is the shift, ~0
+    assert trip == pytest.approx(
+        inversion_error(trainer.flow, x_val) / data_scale(trainer.flow, x_val), rel=1e-9
+    )
+    data = trainer.samples.base(0)["val"]  # the data, standardised: no block inverts the identity
+    assert trainer.samples.round_trip_error(-1, data) < 1e-12
+
+
+def test_a_block_whose_composition_does_not_invert_is_evaluated_at_finer_steps():
+    trainer, cached, x_val = _frozen(8)
+    measured = fits_its_steps(trainer, 1, cached)
+    before = trainer.samples.round_trip_error(1, measured.val)
+    # the provoked fault: the block passes its own check, the flow up to it does not
+    assert measured.fits and measured.error < ROUND_TRIP.inversion_tol / 2 < ROUND_TRIP.inversion_tol < before
+    held, trip = hold_steps(trainer, 1, cached, measured)
+    assert trainer.flow.steps_factors == (8, 2)  # one doubling of block 1's evaluation, block 0 untouched
+    assert trip < ROUND_TRIP.inversion_tol / ROUND_TRIP_MARGIN and held.fits
+    assert trip == pytest.approx(
+        inversion_error(trainer.flow, x_val) / data_scale(trainer.flow, x_val), rel=1e-9
+    )
+
+
+def test_a_round_trip_the_flow_before_the_block_fails_is_not_the_block_s_to_mend():
+    trainer, cached, _ = _frozen(1)  # block 0 at 2 steps: its own round trip fails
+    assert trainer.samples.round_trip_error(0, cached["val"]) > 0.1
+    measured = fits_its_steps(trainer, 1, cached)
+    held, trip = hold_steps(trainer, 1, cached, measured)
+    assert held is measured and measured.fits and trip > 0.1  # measured, not held:
+    assert trainer.flow.steps_factors == (1, 1)
+
+
+def test_a_trained_block_is_held_by_its_evaluation_not_its_training(data):
+    alone = JKOTrainer(*data, config=dataclasses.replace(CONFIG, step_doublings=0)).add_block()
+    # its own inversion error passes a tolerance 1.5 times over it; its round trip
+    # (the same rows, the same scale: no standardisation) does not pass half that
+    config = dataclasses.replace(CONFIG, inversion_tol=1.5 * alone.inversion_error)
+    assert alone.round_trip_error == pytest.approx(alone.inversion_error, rel=1e-6)
+    trainer = JKOTrainer(*data, config=config)
+    record = trainer.add_block()
+    assert record.train_steps == 1 and record.step_doublings == 0 and record.n_batches == alone.n_batches
+    assert record.eval_steps == 4 and trainer.flow.steps_factors == (2,)
+    assert record.round_trip_error < config.inversion_tol / ROUND_TRIP_MARGIN
+    x_val = torch.as_tensor(data[1]).float()
+    assert record.round_trip_error == pytest.approx(
+        inversion_error(trainer.flow, x_val) / data_scale(trainer.flow, x_val), rel=1e-5
+    )
+    assert trainer.history.selected.stage == "initial"
+    summary = summarize(trainer.flow, trainer.history, data[2], 0.0)
+    assert summary["inversion_error_relative"] < config.inversion_tol / ROUND_TRIP_MARGIN
+    assert summary["blocks"][0]["round_trip_error"] == record.round_trip_error
+
+
+def test_a_flow_that_does_not_invert_is_not_selected(data):
+    trainer = JKOTrainer(*data, config=dataclasses.replace(CONFIG, step_doublings=0))
+    record = trainer.add_block()
+    assert abs(record.step_doubling_change) < CONFIG.step_tol  # its NLL is the model's, but
+    assert record.round_trip_error >= CONFIG.inversion_tol  # it does not invert
+    assert trainer.history.selected.stage == "gaussian" and trainer.best[1].n_blocks == 0
