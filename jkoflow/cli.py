@@ -408,8 +408,20 @@ def _train_line(out: str, summary: dict[str, Any]) -> str:
     return (
         f"{out}: {summary['n_blocks']} blocks ({summary['stopped_by']}{chosen}), "
         f"test NLL {summary['test_nll']:.4f} nats ({_steps_note(summary, '/block')}{floor}), "
-        f"inversion error {summary['inversion_error']:.2e}, {summary['train_seconds']:.0f} s"
+        f"{_inversion_note(summary)}, {summary['train_seconds']:.0f} s"
     )
+
+
+def _inversion_note(figures: dict[str, Any]) -> str:
+    """The inversion error of :func:`jkoflow.run.flow_figures` in data units
+    and, where stated, over the data's scale.
+
+    >>> _inversion_note({"inversion_error": 3.4e-4, "inversion_error_relative": 1.9e-4})
+    "inversion error 3.40e-04 (1.9e-04 of the data's scale)"
+    """
+    relative = figures.get("inversion_error_relative")
+    scaled = f" ({relative:.1e} of the data's scale)" if relative is not None else ""
+    return f"inversion error {figures['inversion_error']:.2e}{scaled}"
 
 
 STEP_DOUBLING_TOLERANCE = 1e-3
@@ -471,7 +483,7 @@ def _otflow(args: argparse.Namespace) -> None:
     summary = run_otflow(args.out, data_config, config, splits, args.threads, args.overwrite, not args.quiet)
     print(
         f"{args.out}: OT-Flow, test NLL {summary['test_nll']:.4f} nats ({_steps_note(summary)}), "
-        f"best at {summary['best']['n_batches']} batches, inversion error {summary['inversion_error']:.2e}, "
+        f"best at {summary['best']['n_batches']} batches, {_inversion_note(summary)}, "
         f"{summary['train_seconds']:.0f} s"
     )
     _warn_steps(summary)
@@ -575,7 +587,7 @@ def _eval(args: argparse.Namespace) -> None:
         write_json(run.claim("eval.json"), result)
     print(
         f"NLL {result['nll']:.4f} nats/sample ({_steps_note(result, '/block')}, "
-        f"{result['rows']} rows of {result['data']}); inversion error {result['inversion_error']:.3e}"
+        f"{result['rows']} rows of {result['data']}); {_inversion_note(result)}"
     )
     _warn_steps(result)
     if "kl" in result:

@@ -43,8 +43,12 @@ def test_train_writes_the_run_directory(run_dir):
     assert (
         summary["gaussian"]["stage"] == "gaussian" and summary["gaussian"]["test_nll"] > summary["test_nll"]
     )
+    x_test = load_data(RunFiles(run_dir).data_config())[2][: summary["inversion_error_rows"]]
+    scale = float(np.sqrt(((x_test - x_test.mean(0)) ** 2).sum(1).mean() / 2))  # mean ≈ the training mean
+    assert summary["inversion_error_relative"] == pytest.approx(summary["inversion_error"] / scale, rel=0.05)
     line = _train_line(str(run_dir), summary)
     assert f"test NLL {summary['test_nll']:.4f} nats (4 RK4 steps/block" in line
+    assert f"({summary['inversion_error_relative']:.1e} of the data's scale)" in line
     assert line.count(f"; Gaussian fit {summary['gaussian']['test_nll']:.4f}), ") == 1
     for block in summary["blocks"]:
         assert set(block) >= {"h", "movement", "ter", "n_batches", "seconds"}
