@@ -61,6 +61,7 @@ TRAIN_HELP = {
     "free_block": "end with a free block: one more block trained on the KL alone, without the W2 term",
     "finetune_iters": "end with this many Adam steps of all blocks together on the NLL (0: none)",
     "finetune_lr": "initial lr of that fine-tuning",
+    "stage_epochs": "most passes over the training set per retrained block and in fine-tuning (0: no bound)",
     "val_every": "Adam steps between a block's early-stopping checks of the validation NLL (0: none)",
     "patience": "stop a block once this many checks in a row are above its best by 2 standard errors",
     "max_batches": "stop training after this many mini-batches in all (0: no limit)",

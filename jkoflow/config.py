@@ -478,6 +478,12 @@ class JKOConfig(TrainingConfig):
     steps. With ``finetune_iters > 0`` a last ``finetune`` stage trains all
     the blocks of the run together on the NLL of the whole flow for that
     many Adam steps, from ``finetune_lr`` (:mod:`jkoflow.finetune`).
+    Neither stage passes over the training set more than ``stage_epochs``
+    times (0: no bound): a retrained block and the fine-tuning get at most
+    ceil(``stage_epochs`` · rows / batch) Adam steps (:meth:`stage_steps`).
+    On large data the bound does not act (3000 steps of batch 1024 on 96 000
+    rows are 32 passes); on a small set, where a step is most of a pass, it
+    keeps a stage from running for an hour after it has begun to overfit.
 
     Default stages: the stage fields ``reparam_iters``, ``refine``,
     ``stage_iters``, ``finetune_iters`` and ``finetune_lr`` left at None take
@@ -524,6 +530,7 @@ class JKOConfig(TrainingConfig):
         "val_every": 0,
         "stage_lr": 0.0,
         "gain_eps": 0.0,
+        "stage_epochs": 0,
         **FIRST_PASS,
     }
     """Fields added after runs were saved, with the values that train as those
@@ -559,6 +566,7 @@ class JKOConfig(TrainingConfig):
     patience: int = 3
     finetune_iters: int | None = None
     finetune_lr: float | None = None
+    stage_epochs: int = 100
 
     def __post_init__(self) -> None:
         for name in ("refine", "block_types"):  # JSON gives lists
@@ -570,7 +578,7 @@ class JKOConfig(TrainingConfig):
         positive = ("h0", "rho", "h_max", "ter_eps", "reparam_tol", "h_min", "step_tol", "inversion_tol")
         check_positive(self, positive, float)
         check_positive(self, ("max_blocks",), int)
-        _check_count(self, ("max_batches", "step_doublings", "val_every"))
+        _check_count(self, ("max_batches", "step_doublings", "val_every", "stage_epochs"))
         _check_count(
             self, tuple(n for n in ("reparam_iters", "stage_iters", "finetune_iters") if self._given(n))
         )
@@ -664,6 +672,19 @@ class JKOConfig(TrainingConfig):
             raise ValueError("stage_iters is None: resolve the config for the data first (resolved(dim))")
         return self.stage_iters or self.iters
 
+    def stage_steps(self, iters: int, rows: int, processes: int = 1) -> int:
+        """``iters`` Adam steps of a later stage bounded by ``stage_epochs``
+        passes over a training set of ``rows`` rows at the batch
+        :meth:`batch_for` gives: min(iters, ceil(stage_epochs · rows / batch)).
+
+        >>> config = JKOConfig(batch_size=0)
+        >>> config.stage_steps(3000, 96_000), config.stage_steps(3000, 1440), config.stage_steps(3000, 5000)
+        (3000, 141, 489)
+        """
+        if not self.stage_epochs:
+            return iters
+        return min(iters, math.ceil(self.stage_epochs * rows / self.batch_for(rows, processes)))
+
     def step_size(self, k: int) -> float:
         """h_k = min(h0·ρ^k, h_max) for block k (0-based)."""
         return min(self.h0 * self.rho**k, self.h_max)
@@ -682,12 +703,13 @@ RESUMABLE = (
     "compile",
     "finetune_iters",
     "finetune_lr",
+    "stage_epochs",
 )
 """JKOConfig fields a resumed run may change: budgets, checkpointing, fault
 handling, the learning rate (e.g. after a run stopped on non-finite losses),
 where the cached samples live, ``max_blocks`` (to add blocks to a finished
-flow) the fine-tuning (to fine-tune a finished flow) and whether the RK4 step is
-compiled (the numbers agree to rounding)."""
+flow) the fine-tuning and the passes it may take (to fine-tune a finished
+flow) and whether the RK4 step is compiled (the numbers agree to rounding)."""
 
 
 def resume_config(saved: JKOConfig, given: JKOConfig) -> JKOConfig:

@@ -142,7 +142,9 @@ class Plan:
 @dataclass(frozen=True)
 class PlanContext:
     """What a plan may read besides the records: the config, the index of the
-    first block this run trains, and whether the budget is spent.
+    first block this run trains, whether the budget is spent, and the rows of
+    the training set and processes sharing its batches (for
+    :meth:`stage_steps`; 0 rows: no bound).
 
     Example:
         >>> from jkoflow.records import BlockRecord, JKOHistory, StageRecord
@@ -160,6 +162,14 @@ class PlanContext:
     config: JKOConfig
     first: int
     out_of_budget: bool = False
+    rows: int = 0
+    processes: int = 1
+
+    def stage_steps(self, iters: int) -> int:
+        """``iters`` Adam steps of a stage after the first pass, bounded by
+        ``config.stage_epochs`` passes over the training set
+        (:meth:`~jkoflow.config.JKOConfig.stage_steps`)."""
+        return self.config.stage_steps(iters, self.rows, self.processes) if self.rows else iters
 
 
 PlanFn = Callable[[JKOHistory, StageRecord, PlanContext], Plan]
@@ -246,7 +256,8 @@ def plan_grow(history: JKOHistory, stage: StageRecord, context: PlanContext) -> 
 def plan_reparam(history: JKOHistory, stage: StageRecord, context: PlanContext) -> Plan:
     """Every block of the previous stage again, from its weights, at the h
     :func:`reparametrize` gives from that stage's h and movements (rule:
-    ``stage.rule``, else ``config.reparam_rule``)."""
+    ``stage.rule``, else ``config.reparam_rule``), for the stage's steps
+    (:meth:`PlanContext.stage_steps` of ``stage_iters``)."""
     config, last = context.config, _previous(history, stage).blocks
     hs = reparametrize(
         [b.h for b in last],
@@ -256,17 +267,18 @@ def plan_reparam(history: JKOHistory, stage: StageRecord, context: PlanContext) 
         config.h_max,
         stage.rule or config.reparam_rule,
     )
-    return _remaining(stage, hs, config.retrain_iters, context.first, lambda p: "keep")
+    return _remaining(stage, hs, context.stage_steps(config.retrain_iters), context.first, lambda p: "keep")
 
 
 def plan_refine(history: JKOHistory, stage: StageRecord, context: PlanContext) -> Plan:
     """Every block of the previous stage cut into c = ``stage.factor`` time
-    slices, slice j of block k starting as that slice, at h_k/c."""
+    slices, slice j of block k starting as that slice, at h_k/c, for the
+    stage's steps (:meth:`PlanContext.stage_steps` of ``stage_iters``)."""
     count = stage.factor or 2
     hs = [
         None if b.h is None else b.h / count for b in _previous(history, stage).blocks for _ in range(count)
     ]
-    iters = context.config.retrain_iters
+    iters = context.stage_steps(context.config.retrain_iters)
     return _remaining(stage, hs, iters, context.first, lambda p: Slice(p // count, count, p % count))
 
 
@@ -280,11 +292,13 @@ def plan_free(history: JKOHistory, stage: StageRecord, context: PlanContext) -> 
 
 def plan_finetune(history: JKOHistory, stage: StageRecord, context: PlanContext) -> Plan:
     """The blocks from ``context.first`` (the first the run trained) to the
-    flow's last as one joint unit with ``finetune_iters`` Adam steps, unless
-    the budget is spent before it starts."""
+    flow's last as one joint unit with ``finetune_iters`` Adam steps (at most
+    :meth:`PlanContext.stage_steps`), unless the budget is spent before it
+    starts."""
     if not stage.blocks and context.out_of_budget:
         return Plan(stopped_by="budget")
-    return _remaining(stage, [None], context.config.finetune_iters, context.first, lambda p: "joint")
+    iters = context.stage_steps(context.config.finetune_iters)
+    return _remaining(stage, [None], iters, context.first, lambda p: "joint")
 
 
 STAGES: dict[str, PlanFn] = {

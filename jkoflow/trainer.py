@@ -268,7 +268,8 @@ class JKOTrainer:
         return stage
 
     def _context(self) -> PlanContext:
-        return PlanContext(self.config, self.first, self.budget.done())
+        rows, processes = len(self.samples.sets["train"]), self.placement.group.size
+        return PlanContext(self.config, self.first, self.budget.done(), rows, processes)
 
     def _run(self, stage: StageRecord) -> StageRecord:
         """Trains the blocks the stage's plan gives until it gives none, then closes it."""

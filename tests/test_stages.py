@@ -287,3 +287,20 @@ def test_refine_given_without_factors_means_none(tmp_path):
     assert main(["train", *tiny, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == ["initial"]
+
+
+@pytest.mark.parametrize("epochs,steps", [(2, [20, 38 + 38, 38]), (0, [20, 50 + 50, 50])])
+def test_later_stages_pass_over_the_training_set_at_most_stage_epochs_times(data, epochs, steps):
+    """2400 training rows at batch 128: two passes are ceil(2·2400/128) = 38
+    steps, for each retrained slice and for the fine-tuning; the first pass
+    is not bounded; 0 is no bound."""
+    config = first_pass(
+        **{**TINY, "max_blocks": 1}, ter_eps=1e-9, refine=(2,), stage_iters=50, finetune_iters=50,
+        val_every=0, stage_epochs=epochs,
+    )  # fmt: skip
+    _, history = train_jko(*data, config=config)
+    assert [s["name"] for s in history.stages] == ["initial", "refine 1", "finetune 1"]
+    assert [s["n_batches"] for s in history.stages] == steps
+    assert JKOConfig.from_saved({"ter_eps": 0.05}).stage_epochs == 0  # runs saved before the bound
+    with pytest.raises(InputError, match="stage_epochs"):
+        JKOConfig(stage_epochs=-1)
