@@ -678,8 +678,8 @@ class JKOConfig(TrainingConfig):
         :meth:`batch_for` gives: min(iters, ceil(stage_epochs · rows / batch)).
 
         >>> config = JKOConfig(batch_size=0)
-        >>> config.stage_steps(3000, 96_000), config.stage_steps(3000, 1440), config.stage_steps(3000, 5000)
-        (3000, 141, 489)
+        >>> config.stage_steps(3000, 96_000), config.stage_steps(3000, 1280), config.stage_steps(3000, 5000)
+        (3000, 125, 489)
         """
         if not self.stage_epochs:
             return iters
