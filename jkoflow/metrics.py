@@ -23,8 +23,8 @@ __all__ = [
     "nll",
     "nll_difference",
     "parameter_count",
-    "relative_round_trip",
     "step_doubling_change",
+    "stratified_mean",
     "wasserstein2",
 ]
 
@@ -81,26 +81,23 @@ def data_scale(flow: Flow, x: Any) -> float:
     return float((x - flow.shift).pow(2).sum(1).mean().div(flow.dim).sqrt())
 
 
-@torch.no_grad()
-def relative_round_trip(flow: Flow, x: Any, back: Any) -> float:
-    """E‖x − S⁻¹(u)‖ / sqrt(E‖x − μ‖²/d): the round-trip error of data rows
-    ``x`` (n, d) whose trip ended at ``back`` (n, d), in the flow's
-    standardised coordinates u (:meth:`~jkoflow.flow.Flow.standardize`),
-    relative to the data's per-coordinate scale (μ the flow's ``shift``, the
-    training mean). This is the scale the issue's inversion targets use: a
-    flow whose whole round trip T⁻¹(T(x)) stays under 1e-4 of it inverts to
-    four digits of the data.
+def stratified_mean(bulk: Any, far: Any, tail: Any, share: float) -> float:
+    """(1 − q)·mean(bulk[~far]) + q·mean(tail): the mean of a quantity over a
+    population estimated in two strata, the rows far out (share q of the
+    population, all measured: ``tail``) and the rest (a sample ``bulk``
+    without its rows in the far stratum, ``far`` True). On long-tailed data a
+    mean is made by a few rows far out that a plain sample holds too few of.
+    A sample with no row in the near stratum gives the tail's mean.
 
     Example:
-        >>> import torch, jkoflow
-        >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
-        >>> flow = jkoflow.Flow.for_data(x, steps=2)  # shift 0, no scaling
-        >>> round(relative_round_trip(flow, x, x + torch.tensor([0.01, 0.0])), 6)  # 0.01 / sqrt(1/2)
-        0.014142
+        >>> stratified_mean([1.0, 3.0, 50.0], [False, False, True], [40.0, 60.0], share=0.1)
+        6.8
     """
-    x = as_data_tensor(x, flow.dim, flow.shift)
-    back = flow.unstandardize(as_data_tensor(back, flow.dim, flow.shift, what="back"))
-    return float((back - x).norm(dim=1).mean()) / data_scale(flow, x)
+    bulk, tail = (torch.as_tensor(v, dtype=torch.float64) for v in (bulk, tail))
+    near = bulk[~torch.as_tensor(far, dtype=torch.bool, device=bulk.device)]
+    if not len(near):
+        return float(tail.mean())
+    return float((1 - share) * near.mean() + share * tail.mean())
 
 
 class KLResult(NamedTuple):

@@ -426,16 +426,17 @@ def fits_its_steps(trainer: JKOTrainer, k: int, cached: dict[str, Pushed]) -> Me
 
 ROUND_TRIP_MARGIN = 2
 """The round trip of the flow up to a block is held under
-``inversion_tol / ROUND_TRIP_MARGIN`` on the validation rows, so that it stays
-under ``inversion_tol`` on rows the run has not seen: it is a mean over rows,
-and on long-tailed data a few rows far out weigh in it."""
+``inversion_tol / ROUND_TRIP_MARGIN``, so that it stays under
+``inversion_tol`` on rows the run has not seen: it is a mean over rows, and
+on long-tailed data the few rows far out that make it vary from set to set."""
 
 
 def hold_steps(
     trainer: JKOTrainer, k: int, cached: dict[str, Pushed], measured: Measured
 ) -> tuple[Measured, float]:
     """Block ``k`` (frozen, ``measured`` at its own steps) and the relative
-    round trip of the flow's first k + 1 blocks on the validation rows
+    round trip of the flow's first k + 1 blocks, estimated from the
+    validation rows and the training rows farthest out
     (:meth:`~jkoflow.samples.Samples.round_trip_error`), after doubling the
     block's step factor, its evaluation and not its training, while it does
     not fit its steps or that round trip is at least
@@ -446,15 +447,15 @@ def hold_steps(
     the flow before block ``k`` already failed is not block ``k``'s to
     mend: it is then measured, not held."""
     config, flow, samples = trainer.config, trainer.flow, trainer.samples
-    bound, before = config.inversion_tol / ROUND_TRIP_MARGIN, None
+    bound, before, tail = config.inversion_tol / ROUND_TRIP_MARGIN, None, samples.tail_of(cached["train"])
     with torch.no_grad():
         for doubling in range(config.step_doublings + 1):
             if doubling:
                 flow.set_steps_factor(k, 2 * flow.steps_factors[k])
                 measured = fits_its_steps(trainer, k, cached)
-            trip = samples.round_trip_error(k, measured.val)
+            trip = samples.round_trip_error(k, measured.val, samples.push(k, tail))
             if measured.fits and trip >= bound and before is None:
-                before = samples.round_trip_error(k - 1, cached["val"])  # 0 for k = 0
+                before = samples.round_trip_error(k - 1, cached["val"], tail)  # 0 for k = 0
             if measured.fits and (trip < bound or (before is not None and before >= bound)):
                 break
     return measured, trip
