@@ -458,9 +458,10 @@ class JKOConfig(TrainingConfig):
     Adam steps more, at most ``step_doublings`` times (0: only measure).
     The block kept is then evaluated (not trained) at doubled steps, at most
     ``step_doublings`` times, while the round trip of the flow up to it,
-    E‖x − T⁻¹(T(x))‖ over the data's per-coordinate scale on the validation
-    rows, is at least ``inversion_tol / 2``; a flow whose round trip is at
-    least ``inversion_tol`` is not returned.
+    E‖x − T⁻¹(T(x))‖ over the data's per-coordinate scale (estimated from
+    the validation rows and the 1 % of training rows farthest out), is at
+    least ``inversion_tol / 2``; a flow whose round trip is at least
+    ``inversion_tol`` is not returned.
 
     Stages after the initial pass (docs/design.md, "The scheduler and its stages";
     :mod:`jkoflow.stages`): up to ``reparam_iters``

@@ -80,10 +80,11 @@ class BlockRecord(_Readable):
             validation rows: the block's round-trip error relative to the
             per-coordinate scale of its input.
         round_trip_error: E‖x − T⁻¹(T(x))‖ / sqrt(E‖x − μ‖²/d) for T the
-            flow's first k + 1 blocks and x the validation data (μ its
-            training mean): the round trip of the flow up to this block,
-            relative to the data's scale; None in records written before
-            it was measured.
+            flow's first k + 1 blocks and x the data (μ the training mean),
+            estimated from the validation rows and the training rows
+            farthest out (:meth:`jkoflow.samples.Samples.round_trip_error`):
+            the round trip of the flow up to this block, relative to the
+            data's scale; None in records written before it was measured.
         train_steps: RK4 steps per block its last training phase used.
         step_doublings: How often the step control doubled them (0: never acted).
         eval_steps: RK4 steps the flow integrates the block with (its base
