@@ -147,7 +147,7 @@ class Samples:
         standardised coordinates u = S(x), and the smallest of those
         distances (computed once)."""
         if self._tail is None:
-            distance = self._standardized(self.sets["train"]).norm(dim=1)
+            distance = chunked(self._distance, self.sets["train"], self.chunk_size)
             radii, index = distance.topk(max(1, round(TAIL_FRACTION * len(distance))))
             self._tail = (index.to(self.sets["train"].device), float(radii[-1]))
         return self._tail
@@ -175,7 +175,7 @@ class Samples:
         carries a later block's error on, scaled by its Lipschitz constant."""
         rows = min(len(val.x), STEP_CHECK_ROWS)
         x_val, x_tail = self.sets["val"][:rows], self.sets["train"][self.tail()[0]]
-        bulk, far = self._round_trip(k, x_val, val.head(rows).x), self._standardized(x_val).norm(dim=1)
+        bulk, far = self._round_trip(k, x_val, val.head(rows).x), self._distance(x_val)
         share = len(x_tail) / len(self.sets["train"])
         mean = stratified_mean(bulk, far >= self.tail()[1], self._round_trip(k, x_tail, tail.x), share)
         return mean / data_scale(self.flow, x_val.to(self.flow.shift))
@@ -188,10 +188,11 @@ class Samples:
         like = self.flow.shift
         return (self.flow.unstandardize(z.to(like)) - x.to(like)).norm(dim=1)
 
-    def _standardized(self, x: Tensor) -> Tensor:
-        """u = S(x) for data rows ``x`` (the flow's fixed map), on the rows' device."""
+    def _distance(self, x: Tensor) -> Tensor:
+        """‖S(x)‖ per row of data rows ``x``, S the flow's fixed map (x − μ,
+        scaled and decorrelated where the flow standardises), on the rows' device."""
         with torch.no_grad():
-            return self.flow.standardize(x.to(self.flow.shift))[0].to(x.device)
+            return self.flow.standardize(x.to(self.flow.shift))[0].norm(dim=1).to(x.device)
 
     def _map(self, fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor) -> tuple[Tensor, Tensor]:
         """(z, ℓ) = ``fn(rows)[:2]`` for the rows of ``x``, chunk by chunk on the
