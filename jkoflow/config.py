@@ -481,7 +481,8 @@ class JKOConfig(TrainingConfig):
     many Adam steps, from ``finetune_lr`` (:mod:`jkoflow.finetune`).
     Neither stage passes over the training set more than ``stage_epochs``
     times (0: no bound): a retrained block and the fine-tuning get at most
-    ceil(``stage_epochs`` · rows / batch) Adam steps (:meth:`stage_steps`).
+    ceil(``stage_epochs`` · rows / batch) Adam steps
+    (:meth:`jkoflow.stages.PlanContext.stage_steps`).
     On large data the bound does not act (3000 steps of batch 1024 on 96 000
     rows are 32 passes); on a small set, where a step is most of a pass, it
     keeps a stage from running for an hour after it has begun to overfit.
@@ -672,19 +673,6 @@ class JKOConfig(TrainingConfig):
         if self.stage_iters is None:
             raise ValueError("stage_iters is None: resolve the config for the data first (resolved(dim))")
         return self.stage_iters or self.iters
-
-    def stage_steps(self, iters: int, rows: int, processes: int = 1) -> int:
-        """``iters`` Adam steps of a later stage bounded by ``stage_epochs``
-        passes over a training set of ``rows`` rows at the batch
-        :meth:`batch_for` gives: min(iters, ceil(stage_epochs · rows / batch)).
-
-        >>> config = JKOConfig(batch_size=0)
-        >>> config.stage_steps(3000, 96_000), config.stage_steps(3000, 1280), config.stage_steps(3000, 5000)
-        (3000, 125, 489)
-        """
-        if not self.stage_epochs:
-            return iters
-        return min(iters, math.ceil(self.stage_epochs * rows / self.batch_for(rows, processes)))
 
     def step_size(self, k: int) -> float:
         """h_k = min(h0·ρ^k, h_max) for block k (0-based)."""

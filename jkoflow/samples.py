@@ -136,8 +136,7 @@ class Samples:
         E‖x − T_k⁻¹(T_k(x))‖ over sqrt(E‖x‖²/d), the per-coordinate scale of its input x."""
         rows = min(len(before.x), STEP_CHECK_ROWS)
         x = before.head(rows).x
-        block, steps = self.flow.blocks[k], self.flow.block_steps(k)
-        back, _ = self._map(lambda part: integrate(block, part, steps, t0=1.0, t1=0.0), after.head(rows).x)
+        back = self._back(range(k, k + 1), after.head(rows).x)
         scale = x.pow(2).sum(1).mean().div(x.shape[1]).sqrt()
         return float((back - x).norm(dim=1).mean() / scale)
 
@@ -173,20 +172,24 @@ class Samples:
         validation rows'. Each block's own :meth:`inversion_error` can be
         small while the composition's is not: an earlier block's inverse
         carries a later block's error on, scaled by its Lipschitz constant."""
-        rows = min(len(val.x), STEP_CHECK_ROWS)
-        x_val, x_tail = self.sets["val"][:rows], self.sets["train"][self.tail()[0]]
-        bulk, far = self._round_trip(k, x_val, val.head(rows).x), self._distance(x_val)
+        rows, (index, radius) = min(len(val.x), STEP_CHECK_ROWS), self.tail()
+        x_val, x_tail = self.sets["val"][:rows], self.sets["train"][index]
+        bulk, far = self._round_trip(k, x_val, val.head(rows).x), self._distance(x_val) >= radius
         share = len(x_tail) / len(self.sets["train"])
-        mean = stratified_mean(bulk, far >= self.tail()[1], self._round_trip(k, x_tail, tail.x), share)
+        mean = stratified_mean(bulk, far, self._round_trip(k, x_tail, tail.x), share)
         return mean / data_scale(self.flow, x_val.to(self.flow.shift))
+
+    def _back(self, blocks: range, z: Tensor) -> Tensor:
+        """``z`` integrated back through the flow's ``blocks``, last first, each at its own steps."""
+        for j in reversed(blocks):
+            block, steps = self.flow.blocks[j], self.flow.block_steps(j)
+            z, _ = self._map(lambda part, b=block, n=steps: integrate(b, part, n, t0=1.0, t1=0.0), z)
+        return z
 
     def _round_trip(self, k: int, x: Tensor, z: Tensor) -> Tensor:
         """‖x − T⁻¹(z)‖ per row, in data units, for z = T(x) through the flow's first k + 1 blocks."""
-        for j in reversed(range(k + 1)):
-            block, steps = self.flow.blocks[j], self.flow.block_steps(j)
-            z, _ = self._map(lambda part, b=block, n=steps: integrate(b, part, n, t0=1.0, t1=0.0), z)
         like = self.flow.shift
-        return (self.flow.unstandardize(z.to(like)) - x.to(like)).norm(dim=1)
+        return (self.flow.unstandardize(self._back(range(k + 1), z).to(like)) - x.to(like)).norm(dim=1)
 
     def _distance(self, x: Tensor) -> Tensor:
         """‖S(x)‖ per row of data rows ``x``, S the flow's fixed map (x − μ,

@@ -476,7 +476,7 @@ class Trained(NamedTuple):
     moved: dict[str, Pushed]  # every set pushed through the block
     change: float  # step-doubling change on the validation set
     error: float  # relative inversion error on the validation set
-    round_trip: float  # the flow's up to the block, relative, on the validation set
+    round_trip: float  # the flow's up to the block, relative (Samples.round_trip_error)
     put_back: bool  # the block from before the stage was put back
 
 

@@ -28,6 +28,7 @@ Reference: Xu, Cheng, Xie, JKO-iFlow, https://arxiv.org/abs/2212.14424
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -167,9 +168,21 @@ class PlanContext:
 
     def stage_steps(self, iters: int) -> int:
         """``iters`` Adam steps of a stage after the first pass, bounded by
-        ``config.stage_epochs`` passes over the training set
-        (:meth:`~jkoflow.config.JKOConfig.stage_steps`)."""
-        return self.config.stage_steps(iters, self.rows, self.processes) if self.rows else iters
+        ``config.stage_epochs`` passes over the training set at the batch
+        ``config.batch_for`` gives: min(iters, ceil(stage_epochs · rows /
+        batch)); ``iters`` where ``stage_epochs`` is 0 or ``rows`` unknown.
+
+        >>> from jkoflow.stages import PlanContext
+        >>> config = jkoflow.JKOConfig(batch_size=0)  # batch min(1024, rows)
+        >>> [PlanContext(config, 0, rows=n).stage_steps(3000) for n in (96_000, 1280, 5000, 0)]
+        [3000, 125, 489, 3000]
+        """
+        config = self.config
+        if not (config.stage_epochs and self.rows):
+            return iters
+        return min(
+            iters, math.ceil(config.stage_epochs * self.rows / config.batch_for(self.rows, self.processes))
+        )
 
 
 PlanFn = Callable[[JKOHistory, StageRecord, PlanContext], Plan]
